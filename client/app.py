@@ -1,0 +1,251 @@
+"""The fedlora ClientApp (Flower Message API).
+
+The server sends each round one adapter envelope (protobuf, fedlora.protos) and the job
+config; the client applies it as its method prescribes, trains ``local_steps`` steps
+(DP-SGD when privacy is on), and replies with its own envelope and metrics. Data owners
+set node config keys: ``partition-id``/``num-partitions`` (or ``data-path``),
+``max-epsilon`` (a stricter budget wins), ``ledger-dir``, ``device`` and ``lora-rank``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any
+
+import torch
+from fedlora.privacy import (
+    BudgetExhausted,
+    DPSettings,
+    PrivacyLedger,
+    calibrate_noise_multiplier,
+    effective_epsilon,
+    validate_delta,
+)
+from fedlora.protos import Envelope, decode, encode
+from fedlora.task import messages as msgs
+from fedlora.task.data import federation_partition
+from fedlora.task.evaluate import evaluate
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from .faults import corrupt
+from .runtime import ClientRuntime, get_runtime
+from .train import gradient_estimate, train_plain, train_private
+
+_log = logging.getLogger(__name__)
+app = ClientApp()
+_STATE_KEY = "fedlora-fixed-factors"
+
+
+def _job(msg: Message) -> tuple[dict[str, Any], ConfigRecord]:
+    config = msg.content.config_records[msgs.CONFIG]
+    return json.loads(str(config[msgs.JOB_CONFIG_KEY])), config
+
+
+class _Node:
+    """What this node is: its partition of the data, its rank, its privacy budget."""
+
+    def __init__(self, cfg: dict[str, Any], config: ConfigRecord, context: Context):
+        node_cfg = context.node_config
+        self.partition = int(node_cfg.get("partition-id", 0))
+        self.partitions = int(node_cfg.get("num-partitions", cfg["federation"]["num_clients"]))
+        self.name = f"partition-{self.partition}"
+        self.device = str(node_cfg.get("device", cfg.get("device", "cpu")))
+        self.max_epsilon = node_cfg.get("max-epsilon")
+        self.ledger_dir = node_cfg.get("ledger-dir") or config.get("ledger-dir")
+        strategy = cfg["strategy"]
+        if "lora-rank" in node_cfg:
+            self.rank = int(node_cfg["lora-rank"])
+        elif strategy["name"] == "flora":
+            ranks = list(strategy["ranks"])
+            self.rank = int(ranks[self.partition % len(ranks)])
+        else:
+            self.rank = int(strategy["rank"])
+        self.own_data = "data-path" in node_cfg
+        if self.own_data:
+            # A deployed node with its own data: all of it is this node's partition.
+            data_cfg = dict(cfg["data"], path=str(node_cfg["data-path"]), test_fraction=0.1)
+            cfg = dict(cfg, data=data_cfg)
+            self.partitions, self.partition = 1, 0
+        self.cfg = cfg
+
+
+def _dataset(runtime: ClientRuntime, node: _Node):
+    if node.own_data:
+        return runtime.data.train
+    return federation_partition(runtime.cfg, runtime.data, node.partition, node.partitions)
+
+
+def _seed(cfg: dict[str, Any], round_: int, partition: int) -> int:
+    text = f"{cfg['federation']['seed']}:{round_}:{partition}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
+
+
+def _privacy(runtime: ClientRuntime, node: _Node, num_examples: int, extra_steps: int = 0):
+    """(DPSettings, ledger, budget) for this node, or None without DP."""
+    privacy = runtime.cfg["privacy"]
+    if not privacy.get("enabled"):
+        return None
+    delta = float(privacy["delta"])
+    validate_delta(delta, num_examples)
+    budget = effective_epsilon(float(privacy["epsilon"]),
+                               None if node.max_epsilon is None else float(node.max_epsilon))
+    strategy, fed = runtime.cfg["strategy"], runtime.cfg["federation"]
+    sample_rate = int(strategy["batch_size"]) / num_examples
+    planned = int(strategy["local_steps"]) * int(fed["rounds"]) + extra_steps
+    sigma = calibrate_noise_multiplier(budget, delta, sample_rate, planned,
+                                       privacy["accountant"])
+    if not node.ledger_dir:
+        raise ValueError("DP is on but no ledger directory is set (node config ledger-dir)")
+    ledger = PrivacyLedger.open(
+        node.ledger_dir, federation=str(runtime.cfg["run_name"]), node=node.name,
+        mechanism=privacy["accountant"], target_epsilon=budget, delta=delta,
+    )
+    settings = DPSettings(noise_multiplier=sigma, max_grad_norm=float(privacy["max_grad_norm"]),
+                          sample_rate=sample_rate, steps=int(strategy["local_steps"]),
+                          accountant=privacy["accountant"],
+                          grad_sample_mode=privacy.get("grad_sample_mode", "hooks"))
+    return settings, ledger, budget
+
+
+def _privacy_metrics(dp, epsilon: float | None) -> dict[str, float]:
+    if dp is None:
+        return {}
+    settings, ledger, budget = dp
+    return {
+        "epsilon": float(ledger.epsilon_spent if epsilon is None else epsilon),
+        "delta": ledger.delta, "noise-multiplier": settings.noise_multiplier,
+        "max-grad-norm": settings.max_grad_norm, "sample-rate": settings.sample_rate,
+        "steps": float(sum(s for _, _, s in ledger.history)), "epsilon-budget": budget,
+    }
+
+
+def _reply(msg: Message, envelope: bytes | None, metrics: dict[str, float],
+           notes: dict[str, str] | None = None) -> Message:
+    content = RecordDict({msgs.METRICS: MetricRecord(metrics)})
+    if envelope is not None:
+        content[msgs.ENVELOPE] = msgs.envelope_record(envelope)
+    if notes:
+        content[msgs.CONFIG] = ConfigRecord(notes)
+    return Message(content=content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, config = _job(msg)
+    node = _Node(cfg, config, context)
+    phase = str(config.get("phase", msgs.PHASE_TRAIN))
+    runtime = get_runtime(node.cfg, node.device)
+    dataset = _dataset(runtime, node)
+    base = {"partition-id": float(node.partition), "num-examples": float(len(dataset)),
+            "rank": float(node.rank)}
+    if phase == msgs.PHASE_DESCRIBE:
+        return _reply(msg, None, base)
+    round_ = int(config["server-round"])
+    torch.manual_seed(_seed(cfg, round_, node.partition))
+    generator = torch.Generator().manual_seed(_seed(cfg, round_, node.partition) + 1)
+    init_steps = int(cfg["strategy"].get("init_batches", 0)) if "R" in runtime.method.client_trains else 0
+    try:
+        dp = _privacy(runtime, node, len(dataset), init_steps)
+    except BudgetExhausted as exc:  # raised by an already exhausted ledger
+        return _reply(msg, None, dict(base, refused=1.0), {"reason": f"budget exhausted: {exc}"})
+    downlink = decode(msgs.envelope_bytes(msg.content))
+    if phase == msgs.PHASE_INIT:
+        return _init_round(msg, runtime, node, dataset, dp, round_, generator, base)
+
+    factors = dict(downlink.factors)
+    if "R" in runtime.method.client_trains:
+        factors = _fixed_factors(context, factors)
+    start = runtime.method.client_start(factors, runtime.spec, rank=node.rank,
+                                        seed=_seed(cfg, round_, node.partition) % 2**31)
+    model = runtime.host.start(start, downlink.head)
+    try:
+        if dp is None:
+            result = train_plain(model, dataset, cfg["strategy"], runtime.task, runtime.device,
+                                 generator)
+        else:
+            settings, ledger, budget = dp
+            result = train_private(model, dataset, cfg["strategy"], runtime.task,
+                                   runtime.device, generator, settings, ledger, round_, budget)
+    except BudgetExhausted as exc:
+        _log.warning("%s refuses round %d: %s", node.name, round_, exc)
+        metrics = dict(base, refused=1.0, **_privacy_metrics(dp, None))
+        return _reply(msg, None, metrics, {"reason": f"budget exhausted: {exc}"})
+    envelope = Envelope(
+        method=runtime.method.name, round=round_, direction="up",
+        factors=runtime.host.factors(runtime.method.uplink_roles),
+        head=runtime.host.head_state(), num_examples=len(dataset), scaling=start.scaling,
+        rank=start.rank, fingerprint=runtime.fingerprint, node=node.name,
+        privacy=_privacy_metrics(dp, result.epsilon) or None,
+    )
+    data = encode(envelope, cfg["wire_dtype"])
+    fault = (cfg.get("faults") or {}).get(str(node.partition))
+    if fault:
+        data = corrupt(data, envelope, fault, cfg["wire_dtype"])
+    metrics = dict(base, **{"train-loss": result.train_loss, "train-seconds": result.seconds,
+                            "bytes-up": float(len(data))}, **_privacy_metrics(dp, result.epsilon))
+    return _reply(msg, data, metrics)
+
+
+def _fixed_factors(context: Context, factors):
+    """Fed-SB: B and A arrive once (first contact) and are kept in the node's state."""
+    if "B" in next(iter(factors.values())):
+        fixed = {m: {r: t for r, t in roles.items() if r in ("A", "B")}
+                 for m, roles in factors.items()}
+        context.state[_STATE_KEY] = msgs.envelope_record(
+            encode(Envelope(method="fedsb", round=0, direction="down", factors=fixed))
+        )
+        return factors
+    if _STATE_KEY not in context.state.array_records:
+        raise RuntimeError("Fed-SB: this node never received B and A (first contact lost)")
+    stored = decode(context.state.array_records[_STATE_KEY]["bytes"].numpy().tobytes())
+    return {m: {**stored.factors[m], **roles} for m, roles in factors.items()}
+
+
+def _init_round(msg, runtime, node, dataset, dp, round_, generator, base) -> Message:
+    """Fed-SB's LoRA-SB init: a (DP) gradient estimate of every target weight."""
+    from fedlora.privacy import DPSettings
+
+    strategy = runtime.cfg["strategy"]
+    steps = int(strategy["init_batches"])
+    if dp is None:
+        settings = DPSettings(noise_multiplier=0.0, max_grad_norm=1e12,
+                              sample_rate=int(strategy["batch_size"]) / len(dataset), steps=steps)
+        ledger = None
+    else:
+        settings, ledger, _ = dp
+        settings = DPSettings(**{**settings.__dict__, "steps": steps})
+        ledger.check_budget(settings.noise_multiplier, settings.sample_rate, steps)
+    model = runtime.host.base.train()
+    runtime.host.load_head({})
+    grads = gradient_estimate(model, runtime.host.linears, dataset, strategy, runtime.task,
+                              runtime.device, generator, settings, ledger, round_)
+    envelope = Envelope(method=runtime.method.name, round=round_, direction="up",
+                        factors={m: {"G": g} for m, g in grads.items()},
+                        num_examples=len(dataset), scaling=runtime.spec.scaling,
+                        rank=runtime.spec.rank, fingerprint=runtime.fingerprint, node=node.name)
+    data = encode(envelope, runtime.cfg["wire_dtype"])
+    metrics = dict(base, **{"bytes-up": float(len(data))}, **_privacy_metrics(dp, None))
+    return _reply(msg, data, metrics)
+
+
+@app.evaluate()
+def evaluate_global(msg: Message, context: Context) -> Message:
+    """Evaluate the global model on this node's own training partition."""
+    cfg, config = _job(msg)
+    node = _Node(cfg, config, context)
+    runtime = get_runtime(node.cfg, node.device)
+    dataset = _dataset(runtime, node)
+    downlink = decode(msgs.envelope_bytes(msg.content))
+    factors = dict(downlink.factors)
+    if "R" in runtime.method.client_trains:
+        factors = _fixed_factors(context, factors)
+    start = runtime.method.client_start(factors, runtime.spec, rank=node.rank)
+    model = runtime.host.start(start, downlink.head)
+    result = evaluate(model, dataset, runtime.task, device=runtime.device)
+    return _reply(msg, None, {"eval-loss": result["loss"], "eval-accuracy": result["accuracy"],
+                              "num-examples": float(len(dataset)),
+                              "partition-id": float(node.partition)})
+

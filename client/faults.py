@@ -1,0 +1,95 @@
+"""Test-only fault injection: a client that sends a malformed update on purpose.
+
+Enabled per partition by the job config's ``faults`` map (``{"3": "nan"}``), used by the
+fault suite (tests and bench/faults.py) to show that the server rejects each kind with
+its reason and aggregates the valid updates. Never set in a real federation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from fedlora.protos import Envelope, encode, to_message
+
+FAULTS = (
+    "nan", "inf", "wrong_shape", "wrong_rank", "unknown_module", "wrong_role", "wrong_method",
+    "stale_round", "unsupported_dtype", "truncated", "oversized", "norm", "duplicate_module",
+    "schema_version", "crash",
+)
+_UNKNOWN_WIRE_DTYPE = 99
+
+
+def _with_first_module(envelope: Envelope, change) -> Envelope:
+    """A copy of ``envelope`` whose first module's roles are replaced by change(roles)."""
+    factors = {m: dict(roles) for m, roles in envelope.factors.items()}
+    first = next(iter(factors))
+    factors[first] = change(first, factors[first])
+    return dataclasses.replace(envelope, factors=factors)
+
+
+def _grow_rank(roles: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    grown = {}
+    for role, t in roles.items():
+        if role == "A":  # r x d_in
+            grown[role] = torch.cat([t, torch.zeros(1, t.shape[1])], 0)
+        elif role == "B":  # d_out x r
+            grown[role] = torch.cat([t, torch.zeros(t.shape[0], 1)], 1)
+        else:  # R: r x r
+            grown[role] = torch.nn.functional.pad(t, (0, 1, 0, 1))
+    return grown
+
+
+def _grow_shape(roles: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    role, t = next(iter(roles.items()))
+    axis = 1 if role == "A" else 0  # the non-rank dimension (R: any)
+    pad = torch.zeros(1, t.shape[1]) if axis == 0 else torch.zeros(t.shape[0], 1)
+    return {**roles, role: torch.cat([t, pad], axis)}
+
+
+def _poison(roles: dict[str, torch.Tensor], value: float) -> dict[str, torch.Tensor]:
+    role, t = next(iter(roles.items()))
+    bad = t.clone()
+    bad.view(-1)[0] = value
+    return {**roles, role: bad}
+
+
+def corrupt(data: bytes, envelope: Envelope, fault: str, wire_dtype: str) -> bytes:
+    """The encoded update ``data`` (of ``envelope``) turned into a fault of kind ``fault``."""
+    if fault not in FAULTS:
+        raise ValueError(f"unknown fault {fault!r}; known: {', '.join(FAULTS)}")
+    if fault == "crash":
+        raise RuntimeError("fault injection: the client crashed mid-round")
+    if fault == "truncated":
+        return data[: len(data) // 2]
+    changed = {
+        "nan": lambda: _with_first_module(envelope, lambda m, r: _poison(r, math.nan)),
+        "inf": lambda: _with_first_module(envelope, lambda m, r: _poison(r, math.inf)),
+        "wrong_shape": lambda: _with_first_module(envelope, lambda m, r: _grow_shape(r)),
+        "wrong_rank": lambda: _with_first_module(envelope, lambda m, r: _grow_rank(r)),
+        "wrong_role": lambda: _with_first_module(
+            envelope, lambda m, r: {("R" if k != "R" else "A"): t for k, t in r.items()}),
+        "unknown_module": lambda: dataclasses.replace(envelope, factors={
+            (m + ".not_a_module" if i == 0 else m): roles
+            for i, (m, roles) in enumerate(envelope.factors.items())}),
+        "wrong_method": lambda: dataclasses.replace(envelope, method="fedprox"),
+        "stale_round": lambda: dataclasses.replace(envelope, round=envelope.round - 1),
+        "norm": lambda: dataclasses.replace(envelope, factors={
+            m: {r: t * 1e6 for r, t in roles.items()} for m, roles in envelope.factors.items()}),
+    }
+    if fault in changed:
+        return encode(changed[fault](), wire_dtype)
+    # The rest cannot be expressed as an Envelope: edit the protobuf message itself.
+    msg = to_message(envelope, wire_dtype)
+    if fault == "unsupported_dtype":
+        msg.tensors[0].dtype = _UNKNOWN_WIRE_DTYPE
+    elif fault == "oversized":
+        msg.extra["padding"] = "x" * (8 * len(data) + 2**20)
+    elif fault == "duplicate_module":
+        msg.tensors.append(msg.tensors[0])
+        if msg.HasField("tensor_count"):
+            msg.tensor_count = len(msg.tensors)
+    elif fault == "schema_version":
+        msg.schema_version += 1
+    return msg.SerializeToString(deterministic=True)

@@ -1,0 +1,102 @@
+"""The local round: exactly ``local_steps`` optimizer steps, plain or DP-SGD (privacy/)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from fedlora.privacy import (
+    DPSettings,
+    PrivacyLedger,
+    run_private_gradient_estimate,
+    run_private_round,
+)
+from fedlora.task.evaluate import forward, loss_of
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+
+@dataclass
+class LocalResult:
+    steps: int
+    examples_seen: int
+    train_loss: float
+    seconds: float
+    epsilon: float | None = None
+
+
+def _to_device(batch, device: torch.device):
+    return [t.to(device, non_blocking=True) for t in batch]
+
+
+def make_optimizer(params: list[nn.Parameter], strategy: Mapping[str, Any]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        params, lr=float(strategy["lr"]), weight_decay=float(strategy.get("weight_decay", 0.0))
+    )
+
+
+def train_plain(
+    model: nn.Module, dataset: Dataset, strategy: Mapping[str, Any], task: str,
+    device: torch.device, generator: torch.Generator,
+) -> LocalResult:
+    """Non-private local training: shuffled mini-batches, cycling through the data."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, strategy)
+    loader = DataLoader(dataset, batch_size=int(strategy["batch_size"]), shuffle=True,
+                        generator=generator)
+    steps, seen, total, start = int(strategy["local_steps"]), 0, 0.0, time.perf_counter()
+    done = 0
+    while done < steps:
+        for batch in loader:
+            batch = _to_device(batch, device)
+            logits, targets = forward(model, batch, task)
+            loss = loss_of(logits, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+            seen += len(batch[0])
+            done += 1
+            if done == steps:
+                break
+    return LocalResult(steps, seen, total / steps, time.perf_counter() - start)
+
+
+def dp_loader(dataset: Dataset, batch_size: int, device: torch.device) -> DataLoader:
+    """The loader Opacus turns into Poisson sampling with q = batch_size / N_k."""
+    del device  # batches move to the device in forward()
+    return DataLoader(dataset, batch_size=batch_size)
+
+
+def train_private(
+    model: nn.Module, dataset: Dataset, strategy: Mapping[str, Any], task: str,
+    device: torch.device, generator: torch.Generator, settings: DPSettings,
+    ledger: PrivacyLedger, round: int, epsilon_budget: float,
+) -> LocalResult:
+    """DP-SGD local training through privacy.run_private_round (ledger updated inside)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, strategy)
+    loader = dp_loader(dataset, int(strategy["batch_size"]), device)
+    stats = run_private_round(
+        model, optimizer, loader,
+        lambda m, batch: forward(m, _to_device(batch, device), task),
+        settings, ledger, round=round, generator=generator, epsilon_budget=epsilon_budget,
+    )
+    return LocalResult(stats.steps, stats.examples_seen, stats.mean_loss, stats.seconds,
+                       stats.epsilon)
+
+
+def gradient_estimate(
+    model: nn.Module, weights: dict[str, nn.Linear], dataset: Dataset,
+    strategy: Mapping[str, Any], task: str, device: torch.device, generator: torch.Generator,
+    settings: DPSettings, ledger: PrivacyLedger | None, round: int,
+) -> dict[str, torch.Tensor]:
+    """Fed-SB init: the (DP when a ledger is given) mean gradient of each target weight."""
+    loader = dp_loader(dataset, int(strategy["batch_size"]), device)
+    return run_private_gradient_estimate(
+        model, weights, loader, lambda m, batch: forward(m, _to_device(batch, device), task),
+        settings, ledger, round=round, generator=generator,
+    )

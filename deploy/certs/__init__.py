@@ -1,0 +1,1 @@
+"""TLS certificates for the SuperLink (a private CA and a server certificate)."""

@@ -1,0 +1,180 @@
+"""The ``fedlora`` command.
+
+  fedlora simulate [hydra overrides]      a simulated federation (Flower simulation runtime)
+  fedlora deploy local --nodes N [...]    a real local SuperLink + N SuperNodes over gRPC/TLS
+  fedlora resume RUN_DIR                  continue a run from its last round checkpoint
+  fedlora methods                         the registered aggregation methods
+  fedlora privacy RUN_DIR                 the per-client privacy report of a run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+USAGE = __doc__
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE.strip())
+        return 0
+    command, rest = argv[0], argv[1:]
+    commands = {"simulate": _simulate, "resume": _resume, "methods": _methods,
+                "privacy": _privacy, "deploy": _deploy}
+    if command not in commands:
+        print(f"fedlora: unknown command {command!r}\n\n{USAGE.strip()}", file=sys.stderr)
+        return 2
+    try:
+        return commands[command](rest)
+    except KeyboardInterrupt:
+        print("\nfedlora: interrupted; every process it started was stopped", file=sys.stderr)
+        return 130
+
+
+def _quiet() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    logging.getLogger("fedlora").setLevel(logging.INFO)
+
+
+def _simulate(rest: list[str]) -> int:
+    """Hydra owns the argument list: overrides, -m for multirun, hydra.run.dir=..."""
+    import hydra
+    from fedlora.task.config import ConfigError
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import DictConfig, OmegaConf
+
+    from .simulate import RunFailed, prepare_run, run_simulation
+
+    _quiet()
+    status = {"code": 0}
+
+    @hydra.main(config_path="pkg://fedlora.conf", config_name="config", version_base=None)
+    def task(cfg: DictConfig) -> None:
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        try:
+            job = prepare_run(OmegaConf.to_container(cfg, resolve=True), run_dir)
+        except ConfigError as exc:
+            print(f"fedlora: {exc}", file=sys.stderr)
+            status["code"] = 2
+            return
+        try:
+            run_simulation(job)
+        except RunFailed as exc:
+            print(f"fedlora: {exc}; completed rounds are kept in {run_dir}", file=sys.stderr)
+            status["code"] = 1
+
+    sys.argv = ["fedlora simulate", *rest]
+    task()
+    return status["code"]
+
+
+def _resume(rest: list[str]) -> int:
+    from fedlora.server.app import load_job_config
+
+    from .simulate import RunFailed, run_simulation
+
+    parser = argparse.ArgumentParser(prog="fedlora resume",
+                                     description="Continue a run from its last checkpoint.")
+    parser.add_argument("run_dir", type=Path)
+    args = parser.parse_args(rest)
+    config = args.run_dir / "config.yaml"
+    if not config.is_file():
+        print(f"fedlora: {config} not found: not a fedlora run directory", file=sys.stderr)
+        return 2
+    _quiet()
+    job = load_job_config(config)
+    if Path(job["run_dir"]).resolve() != args.run_dir.resolve():
+        job["run_dir"] = str(args.run_dir)
+        job["ledger_dir"] = str(args.run_dir / "privacy")
+    try:
+        if job.get("deployment"):
+            from .local import resume_local
+
+            return resume_local(job)
+        run_simulation(job, resume=True)
+    except RunFailed as exc:
+        print(f"fedlora: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _methods(rest: list[str]) -> int:
+    from fedlora.aggregation import available_methods, get_method
+
+    parser = argparse.ArgumentParser(prog="fedlora methods")
+    parser.add_argument("--d-out", type=int, default=384)
+    parser.add_argument("--d-in", type=int, default=384)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(rest)
+    rows = []
+    for name in available_methods():
+        method = get_method(name)
+        rows.append({
+            "method": name, "trains": "+".join(method.client_trains),
+            "up": "+".join(method.uplink_roles), "down": "+".join(method.downlink_roles),
+            "exact": method.exact,
+            "bytes_up": 4 * method.uplink_floats(args.d_out, args.d_in, args.rank),
+            "bytes_down": 4 * method.downlink_floats(args.d_out, args.d_in, args.rank),
+            "summary": method.summary,
+        })
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"per module per round, float32, d_out={args.d_out} d_in={args.d_in} r={args.rank}"
+          " (flora: one client, first round)")
+    header = f"{'method':<8} {'trains':<7} {'up':<5} {'down':<6} {'exact':<6} {'bytes up':>9} " \
+             f"{'bytes down':>10}  summary"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['method']:<8} {r['trains']:<7} {r['up']:<5} {r['down']:<6} "
+              f"{str(r['exact']).lower():<6} {r['bytes_up']:>9} {r['bytes_down']:>10}  "
+              f"{r['summary']}")
+    return 0
+
+
+def _privacy(rest: list[str]) -> int:
+    from fedlora.privacy import LedgerError, format_privacy_table, read_ledgers
+
+    parser = argparse.ArgumentParser(prog="fedlora privacy",
+                                     description="Per-client privacy report from the ledgers.")
+    parser.add_argument("run_dir", type=Path, help="run directory (or a ledger directory)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(rest)
+    directory = args.run_dir / "privacy" if (args.run_dir / "privacy").is_dir() else args.run_dir
+    try:
+        rows = read_ledgers(directory)
+    except LedgerError as exc:
+        print(f"fedlora: {exc}", file=sys.stderr)
+        return 2
+    if not rows:
+        print(f"fedlora: no privacy ledger under {directory} (was privacy=dp on?)",
+              file=sys.stderr)
+        return 1
+    print(json.dumps(rows, indent=1) if args.json else format_privacy_table(rows))
+    return 0
+
+
+def _deploy(rest: list[str]) -> int:
+    if not rest or rest[0] != "local":
+        print("usage: fedlora deploy local --nodes N [--insecure] [hydra overrides]",
+              file=sys.stderr)
+        return 2
+    from .local_run import deploy_local
+
+    _quiet()
+    return deploy_local(rest[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""SuperNode authentication keys (EC, OpenSSH format) and their registration."""

@@ -1,0 +1,245 @@
+"""One client's private round: DP-SGD with Opacus, accounted in the client's ledger.
+
+The recipe (DESIGN.md section 5): refuse before anything is touched if the round would
+exceed the budget; a fresh ``PrivacyEngine`` whose accountant starts from the ledger's
+history; ``make_private`` with Poisson sampling; exactly ``steps`` optimizer steps; the
+steps recorded in the ledger (atomically); Opacus removed from the model, always.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from opacus import PrivacyEngine
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from .accounting import (
+    check_accountant,
+    check_epsilon,
+    check_noise_multiplier,
+    check_sample_rate,
+    check_steps,
+    merge_history,
+)
+from .common import (
+    IGNORE_INDEX,
+    check_loader,
+    check_trainable,
+    cycle,
+    first_device,
+    noise_generator,
+    per_sample_loss,
+    poisson_loader,
+    scrub_opacus,
+)
+from .ledger import PrivacyLedger
+
+GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "ghost")
+
+Forward = Callable[[nn.Module, Any], tuple[Tensor, Tensor]]
+
+
+@dataclass
+class DPSettings:
+    """What one client runs with: sigma and C, its sample rate q = b / N_k, tau steps.
+
+    ``grad_sample_mode``: "hooks" (per-sample gradients) or "ghost" (Opacus fast gradient
+    clipping: per-sample norms only, less memory on long sequences).
+    """
+
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    steps: int
+    accountant: str = "prv"
+    grad_sample_mode: str = "hooks"
+
+    def __post_init__(self) -> None:
+        self.noise_multiplier = check_noise_multiplier(self.noise_multiplier)
+        if not isinstance(self.max_grad_norm, (int, float)) or not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm!r}")
+        self.max_grad_norm = float(self.max_grad_norm)
+        self.sample_rate = check_sample_rate(self.sample_rate)
+        self.steps = check_steps(self.steps)
+        check_accountant(self.accountant)
+        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(
+                f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {self.grad_sample_mode!r}"
+            )
+
+
+@dataclass
+class RoundStats:
+    steps: int
+    examples_seen: int
+    mean_loss: float  # per example over the round; NaN if every Poisson batch was empty
+    epsilon: float  # spent after the round (ledger replay)
+    seconds: float
+
+
+def _check_settings(settings: DPSettings, ledger: PrivacyLedger) -> None:
+    if not isinstance(settings, DPSettings):
+        raise TypeError(f"settings must be DPSettings, got {type(settings).__name__}")
+    settings.__post_init__()  # fields may have been changed after construction
+    if settings.accountant != ledger.mechanism:
+        raise ValueError(
+            f"settings.accountant={settings.accountant!r} but the ledger accounts with "
+            f"{ledger.mechanism!r}: calibrate and report with the same accountant"
+        )
+
+
+def _snapshot(params: list[nn.Parameter], optimizer: torch.optim.Optimizer):
+    return [p.detach().clone() for p in params], copy.deepcopy(optimizer.state_dict())
+
+
+def _restore(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, snapshot) -> None:
+    saved_params, saved_state = snapshot
+    with torch.no_grad():
+        for p, saved in zip(params, saved_params, strict=True):
+            p.copy_(saved)
+    optimizer.load_state_dict(saved_state)
+
+
+def _engine(accountant: str) -> PrivacyEngine:
+    with warnings.catch_warnings():
+        # secure_mode needs torchcsprng; the warning would repeat every round.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        return PrivacyEngine(accountant=accountant)
+
+
+def run_private_round(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_loader: DataLoader,
+    forward: Forward,
+    settings: DPSettings,
+    ledger: PrivacyLedger,
+    *,
+    round: int | None = None,
+    generator: torch.Generator | None = None,
+    epsilon_budget: float | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> RoundStats:
+    """Run exactly ``settings.steps`` DP-SGD steps on ``model`` and record them.
+
+    ``forward(model, batch)`` returns ``(logits, targets)``; the loss is cross-entropy with
+    ``ignore_index=-100``, one value per example (per sequence for token-level targets).
+    ``data_loader`` is a plain loader with ``batch_size / len(dataset) == sample_rate``;
+    its batches are replaced by Poisson samples at that rate (empty batches are legal).
+    ``generator`` drives the sampling and the noise. ``epsilon_budget`` tightens the
+    ledger's target (the stricter wins). ``on_step(step, batch_mean_loss)`` is called
+    after each step (1-based; the loss is NaN for an empty batch).
+
+    Raises :class:`BudgetExhausted` before anything is touched if the round would spend
+    more than the budget. On any exception the trainable weights and the optimizer state
+    are restored and nothing is recorded, so no unaccounted update can leave the client.
+    The model comes back free of Opacus hooks and wrappers (same state_dict keys) and can
+    be made private again next round.
+    """
+    _check_settings(settings, ledger)
+    sigma, clip = settings.noise_multiplier, settings.max_grad_norm
+    q, steps = settings.sample_rate, settings.steps
+    if not math.isfinite(clip):
+        raise ValueError("max_grad_norm must be finite for DP-SGD (noise std is sigma * C)")
+    if round is not None and (isinstance(round, bool) or not isinstance(round, int)):
+        raise ValueError(f"round must be an int or None, got {round!r}")
+    _, batch_size = check_loader(data_loader, q)
+    params = check_trainable(model)
+    budget = ledger.target_epsilon
+    if epsilon_budget is not None:
+        budget = min(budget, check_epsilon(epsilon_budget, "epsilon_budget"))
+    ledger.check_budget(sigma, q, steps, budget)
+
+    ghost = settings.grad_sample_mode == "ghost"
+    engine = _engine(ledger.mechanism)
+    engine.accountant.history = ledger.history  # the engine starts where the client stands
+    expected_history = merge_history([*ledger.history, (sigma, q, steps)])
+    snapshot = _snapshot(params, optimizer)
+    hooks = None
+    start = time.perf_counter()
+    try:
+        extra = {"criterion": nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)} if ghost else {}
+        private = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=data_loader,
+            noise_multiplier=sigma,
+            max_grad_norm=clip,
+            poisson_sampling=True,
+            grad_sample_mode=settings.grad_sample_mode,
+            # Hooks on the model itself instead of a GradSampleModule wrapper: the caller's
+            # module, its forward and its state_dict keys stay as they are ("_module." free).
+            wrap_model=False,
+            noise_generator=noise_generator(generator, first_device(params)),
+            **extra,
+        )
+        if ghost:
+            hooks, dp_optimizer, criterion, _ = private
+        else:
+            hooks, dp_optimizer, _ = private
+            criterion = None
+        # Sample and account at exactly q = b / N (see poisson_loader), so the noise is
+        # averaged over the expected batch b = q N and Opacus's accountant steps at q.
+        loader = poisson_loader(data_loader, q, generator)
+        dp_optimizer.expected_batch_size = batch_size
+        dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=q))
+
+        batches = cycle(loader)
+        total_loss, seen = 0.0, 0
+        for step in range(1, steps + 1):
+            batch = next(batches)
+            dp_optimizer.zero_grad(set_to_none=True)
+            logits, targets = forward(model, batch)
+            n = int(targets.shape[0])
+            if criterion is not None:
+                classes = logits.shape[-1]
+                loss = criterion(
+                    logits.reshape(-1, classes).float(), targets.reshape(-1),
+                    shape=(n, math.prod(targets.shape[1:])),
+                )
+                losses = loss.loss_per_sample.detach()
+                loss.backward()  # two passes: per-sample norms, then the clipped sum
+            else:
+                losses = per_sample_loss(logits, targets)
+                # Mean over the batch, as Opacus's loss_reduction="mean" expects; an empty
+                # Poisson batch gives a zero loss that still runs the hooks.
+                (losses.sum() / max(n, 1)).backward()
+                losses = losses.detach()
+            dp_optimizer.step()
+            batch_loss = float(losses.sum())
+            total_loss += batch_loss
+            seen += n
+            if on_step is not None:
+                on_step(step, batch_loss / n if n else math.nan)
+
+        # Opacus's accountant saw every step; it must agree with what we record.
+        if engine.accountant.history != expected_history:
+            raise RuntimeError(
+                f"Opacus accounted {engine.accountant.history} but the round expected "
+                f"{expected_history}; not recording an inconsistent round"
+            )
+        epsilon = ledger.record(sigma, q, steps, round=round, max_grad_norm=clip)
+    except BaseException:
+        _restore(params, optimizer, snapshot)
+        raise
+    finally:
+        if hooks is not None:
+            hooks.cleanup()
+        scrub_opacus(model)
+        for p in params:
+            p.grad = None  # already applied; nothing gradient-shaped lingers
+    return RoundStats(
+        steps=steps,
+        examples_seen=seen,
+        mean_loss=total_loss / seen if seen else math.nan,
+        epsilon=epsilon,
+        seconds=time.perf_counter() - start,
+    )

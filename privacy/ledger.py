@@ -1,0 +1,400 @@
+"""The per-client privacy ledger: one JSON file per (federation, node) on the client's disk.
+
+It holds the accountant's history of ``(noise_multiplier, sample_rate, steps)`` and a
+per-round log, survives restarts and server resumes, and is rewritten atomically after
+every recorded round. Epsilon spent is never read from the file: it is always a fresh
+accountant's replay of the history (:func:`~.accounting.epsilon_for_history`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .accounting import (
+    ACCOUNTANTS,
+    HistoryEntry,
+    check_accountant,
+    check_delta,
+    check_epsilon,
+    check_noise_multiplier,
+    check_sample_rate,
+    check_steps,
+    epsilon_for_history,
+    merge_history,
+)
+
+try:  # POSIX advisory locks; without them (Windows) a ledger must have one writer.
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+LEDGER_VERSION = 1
+_REQUIRED = ("version", "federation", "node", "mechanism", "delta", "target_epsilon",
+             "history", "rounds")
+
+
+class BudgetExhausted(RuntimeError):
+    """Taking the requested steps would spend more than the budget; nothing was done."""
+
+    def __init__(self, epsilon_spent: float, epsilon_after: float, budget: float) -> None:
+        self.epsilon_spent = float(epsilon_spent)
+        self.epsilon_after = float(epsilon_after)
+        self.budget = float(budget)
+        super().__init__(
+            f"privacy budget exhausted: spent epsilon={self.epsilon_spent:.4f}, these steps "
+            f"would bring it to {self.epsilon_after:.4f} > budget {self.budget:.4f}"
+        )
+
+
+class LedgerError(ValueError):
+    """A ledger file that is unreadable, inconsistent, or keyed differently than asked."""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _slug(text: str) -> str:
+    # Only [A-Za-z0-9._-], no leading dot: the name can never climb out of the directory
+    # or hide itself; the hash in ledger_filename keeps distinct keys distinct.
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", text).lstrip(".")
+    return slug[:48] or "_"
+
+
+def ledger_filename(federation: str, node: str) -> str:
+    """The ledger's file name for (federation, node): readable, unique, traversal-safe."""
+    for name, value in (("federation", federation), ("node", node)):
+        if not isinstance(value, str) or not value or "\x00" in value:
+            raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    digest = hashlib.sha256(json.dumps([federation, node]).encode()).hexdigest()[:16]
+    return f"{_slug(federation)}--{_slug(node)}--{digest}.privacy.json"
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+class PrivacyLedger:
+    """A client's privacy spend for one federation. Build it with :meth:`open`."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        federation: str,
+        node: str,
+        mechanism: str,
+        target_epsilon: float,
+        delta: float,
+        history: list[HistoryEntry] | None = None,
+        rounds: list[dict[str, Any]] | None = None,
+        created_at: str | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.federation = federation
+        self.node = node
+        self.mechanism = check_accountant(mechanism)
+        self.delta = check_delta(delta)
+        self.target_epsilon = check_epsilon(target_epsilon, "target_epsilon")
+        self._history: list[HistoryEntry] = list(history or [])
+        self._rounds: list[dict[str, Any]] = [dict(r) for r in rounds or []]
+        self.created_at = created_at or _now()
+        self.updated_at = self.created_at
+
+    # -- opening ---------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        directory: str | Path,
+        *,
+        federation: str,
+        node: str,
+        mechanism: str,
+        target_epsilon: float,
+        delta: float,
+    ) -> PrivacyLedger:
+        """Create the ledger of (federation, node) in ``directory``, or load it.
+
+        A stored ledger whose mechanism or delta differs raises :class:`LedgerError`: its
+        history was accounted under other terms and is never silently re-keyed. A new
+        ``target_epsilon`` is stored; the spend is unaffected (it is the history's replay).
+        A corrupt file raises :class:`LedgerError` and is left untouched.
+        """
+        check_accountant(mechanism)
+        delta = check_delta(delta)
+        target_epsilon = check_epsilon(target_epsilon, "target_epsilon")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / ledger_filename(federation, node)
+        fresh = cls(path, federation=federation, node=node, mechanism=mechanism,
+                    target_epsilon=target_epsilon, delta=delta)
+        with fresh._locked():
+            stored = cls._load(path)
+            if stored is None:
+                fresh._write()
+                return fresh
+            if (stored.federation, stored.node) != (federation, node):
+                raise LedgerError(
+                    f"{path} belongs to federation={stored.federation!r} node={stored.node!r}, "
+                    f"not federation={federation!r} node={node!r}"
+                )
+            if stored.mechanism != mechanism:
+                raise LedgerError(
+                    f"{path} was accounted with mechanism {stored.mechanism!r}, not "
+                    f"{mechanism!r}; use the stored accountant or a new federation name"
+                )
+            if stored.delta != delta:
+                raise LedgerError(
+                    f"{path} was accounted at delta={stored.delta!r}, not {delta!r}; an "
+                    f"epsilon is only meaningful at the delta it was spent under"
+                )
+            if stored.target_epsilon != target_epsilon:
+                stored.target_epsilon = target_epsilon
+                stored._write()
+            return stored
+
+    @classmethod
+    def _load(cls, path: Path) -> PrivacyLedger | None:
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise LedgerError(f"cannot read privacy ledger {path}: {exc}") from exc
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise LedgerError(f"privacy ledger {path} is corrupt (not JSON): {exc}") from exc
+        try:
+            return cls._from_dict(path, data)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LedgerError(f"privacy ledger {path} is invalid: {exc}") from exc
+
+    @classmethod
+    def _from_dict(cls, path: Path, data: Any) -> PrivacyLedger:
+        if not isinstance(data, dict):
+            raise TypeError("top level is not an object")
+        missing = [k for k in _REQUIRED if k not in data]
+        if missing:
+            raise KeyError(f"missing fields {missing}")
+        if data["version"] != LEDGER_VERSION:
+            raise ValueError(f"unsupported ledger version {data['version']!r}")
+        if data["mechanism"] not in ACCOUNTANTS:
+            raise ValueError(f"unknown mechanism {data['mechanism']!r}")
+        for name in ("federation", "node"):
+            if not isinstance(data[name], str) or not data[name]:
+                raise TypeError(f"{name} must be a non-empty string")
+        if not isinstance(data["history"], list) or not isinstance(data["rounds"], list):
+            raise TypeError("history and rounds must be lists")
+        history: list[HistoryEntry] = []
+        for entry in data["history"]:
+            if not isinstance(entry, list) or len(entry) != 3:
+                raise ValueError(f"history entry {entry!r} is not [sigma, q, steps]")
+            sigma = check_noise_multiplier(entry[0])
+            if sigma == 0:
+                raise ValueError("history entry with noise_multiplier 0")
+            history.append((sigma, check_sample_rate(entry[1]), check_steps(entry[2])))
+        if not all(isinstance(r, dict) for r in data["rounds"]):
+            raise TypeError("rounds must be a list of objects")
+        ledger = cls(
+            path, federation=data["federation"], node=data["node"],
+            mechanism=data["mechanism"], target_epsilon=data["target_epsilon"],
+            delta=data["delta"], history=history, rounds=data["rounds"],
+            created_at=data.get("created_at"),
+        )
+        ledger.updated_at = str(data.get("updated_at", ledger.created_at))
+        return ledger
+
+    # -- reading ---------------------------------------------------------------------
+    @property
+    def history(self) -> list[HistoryEntry]:
+        """The accountant history, as Opacus keeps it (a copy)."""
+        return list(self._history)
+
+    @property
+    def rounds(self) -> list[dict[str, Any]]:
+        """The per-round log (a copy)."""
+        return [dict(r) for r in self._rounds]
+
+    @property
+    def steps(self) -> int:
+        """DP steps recorded so far."""
+        return sum(s for _, _, s in self._history)
+
+    @property
+    def epsilon_spent(self) -> float:
+        """Epsilon spent at :attr:`delta`: the replay of the history (an upper bound)."""
+        return epsilon_for_history(self._history, self.delta, self.mechanism)
+
+    def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+        """Epsilon spent if ``steps`` more steps at (sigma, q) were taken now."""
+        if check_noise_multiplier(noise_multiplier) == 0:
+            return math.inf
+        entry = (noise_multiplier, check_sample_rate(sample_rate), check_steps(steps))
+        return epsilon_for_history(merge_history([*self._history, entry]), self.delta,
+                                   self.mechanism)
+
+    def check_budget(
+        self,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
+        budget: float | None = None,
+    ) -> float:
+        """Return epsilon after the steps, or raise :class:`BudgetExhausted` if over budget.
+
+        ``budget`` defaults to :attr:`target_epsilon`.
+        """
+        limit = self.target_epsilon if budget is None else check_epsilon(budget, "budget")
+        after = self.epsilon_after(noise_multiplier, sample_rate, steps)
+        if not after <= limit:
+            raise BudgetExhausted(self.epsilon_spent, after, limit)
+        return after
+
+    def has_round(self, round: int) -> bool:
+        """Whether a round with this number was recorded (a resumed federation asks)."""
+        return any(r.get("round") == round for r in self._rounds)
+
+    def report_row(self) -> dict[str, Any]:
+        """One row for :func:`~.report.format_privacy_table`."""
+        last = self._rounds[-1] if self._rounds else {}
+        return {
+            "node": self.node,
+            "epsilon": self.epsilon_spent,
+            "delta": self.delta,
+            "noise_multiplier": self._history[-1][0] if self._history else None,
+            "max_grad_norm": last.get("max_grad_norm"),
+            "sample_rate": self._history[-1][1] if self._history else None,
+            "steps": self.steps,
+            "rounds": len(self._rounds),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": LEDGER_VERSION,
+            "federation": self.federation,
+            "node": self.node,
+            "mechanism": self.mechanism,
+            "delta": self.delta,
+            "target_epsilon": self.target_epsilon,
+            "epsilon_spent": self.epsilon_spent,  # informative; loading replays the history
+            "history": [list(e) for e in self._history],
+            "rounds": self.rounds,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+    # -- writing ---------------------------------------------------------------------
+    def record(
+        self,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
+        *,
+        round: int | None = None,
+        max_grad_norm: float | None = None,
+    ) -> float:
+        """Append ``steps`` DP steps at (sigma, q), save atomically, return epsilon spent.
+
+        Consecutive entries with equal (sigma, q) merge, as in Opacus. Every call counts:
+        steps that ran are spent even if the round number was seen before (the log then
+        holds two entries for it); :meth:`has_round` lets a resumed client avoid that.
+        The budget is not checked here (see :meth:`check_budget`): steps already taken
+        must be recorded whatever they cost.
+        """
+        sigma = check_noise_multiplier(noise_multiplier)
+        if sigma == 0:
+            raise ValueError("noise_multiplier 0 has no finite epsilon; a ledger records DP steps")
+        q, steps = check_sample_rate(sample_rate), check_steps(steps)
+        if round is not None and (isinstance(round, bool) or not isinstance(round, int)):
+            raise ValueError(f"round must be an int or None, got {round!r}")
+        with self._locked():
+            # Another ledger object (or process) for this node may have written since we
+            # loaded: writing our copy would lose its spend, so refuse instead.
+            on_disk = self._load(self.path)
+            if on_disk is not None and on_disk._history != self._history:
+                raise LedgerError(
+                    f"{self.path} changed on disk since it was loaded (another writer?); "
+                    f"reopen the ledger before recording"
+                )
+            history = merge_history([*self._history, (sigma, q, steps)])
+            epsilon = epsilon_for_history(history, self.delta, self.mechanism)
+            entry = {
+                "round": round, "noise_multiplier": sigma, "sample_rate": q, "steps": steps,
+                "max_grad_norm": None if max_grad_norm is None else float(max_grad_norm),
+                "epsilon_after": epsilon, "recorded_at": _now(),
+            }
+            old = (self._history, self._rounds, self.updated_at)
+            self._history, self._rounds = history, [*self._rounds, entry]
+            try:
+                self._write()
+            except BaseException:
+                # Memory must keep matching the file that is still on disk.
+                self._history, self._rounds, self.updated_at = old
+                raise
+        return epsilon
+
+    def save(self) -> None:
+        """Write the ledger atomically (temp file, fsync, os.replace, fsync directory)."""
+        with self._locked():
+            self._write()
+
+    def _write(self) -> None:
+        previous = self.updated_at
+        self.updated_at = _now()
+        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+        directory = self.path.parent
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{self.path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            self.updated_at = previous
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        _fsync_dir(directory)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        # A sidecar lock file: the ledger itself is replaced on every write, so a lock on
+        # it would not exclude a writer holding the previous inode.
+        if fcntl is None:  # pragma: no cover
+            yield
+            return
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def __repr__(self) -> str:
+        return (f"PrivacyLedger(federation={self.federation!r}, node={self.node!r}, "
+                f"mechanism={self.mechanism!r}, delta={self.delta}, "
+                f"target_epsilon={self.target_epsilon}, steps={self.steps})")

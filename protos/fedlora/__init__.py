@@ -1,0 +1,1 @@
+"""Generated protobuf code of the fedlora wire contract (see protos/generate.py)."""

@@ -1,0 +1,138 @@
+"""Run outputs: metrics.jsonl (one object per round), summary.json, plots, summary table."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=1, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """metrics.jsonl, appended and fsynced per round; truncated to a round on resume."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.rows: list[dict[str, Any]] = []
+        if self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    try:
+                        self.rows.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        break  # a torn last line from a crash: drop it
+
+    def truncate(self, last_round: int) -> None:
+        self.rows = [r for r in self.rows if int(r["round"]) <= last_round]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as handle:
+            for row in self.rows:
+                handle.write(json.dumps(row, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.path)
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def summarize(rows: Sequence[dict[str, Any]], method: str, extra: dict[str, Any]) -> dict[str, Any]:
+    evaluated = [r for r in rows if r.get("accuracy") is not None]
+    summary = {
+        "method": method,
+        "rounds": len(rows),
+        "final_accuracy": evaluated[-1]["accuracy"] if evaluated else None,
+        "best_accuracy": max((r["accuracy"] for r in evaluated), default=None),
+        "final_loss": evaluated[-1]["loss"] if evaluated else None,
+        "bytes_up_total": sum(r["bytes_up"] for r in rows),
+        "bytes_down_total": sum(r["bytes_down"] for r in rows),
+        "adapter_bytes_up_total": sum(r.get("adapter_bytes_up", 0) for r in rows),
+        "adapter_bytes_down_total": sum(r.get("adapter_bytes_down", 0) for r in rows),
+        "wall_seconds": sum(r["wall_seconds"] for r in rows),
+        "rejected_total": sum(len(r.get("rejected", [])) for r in rows),
+        "skipped_rounds": [r["round"] for r in rows if r.get("skipped")],
+    }
+    if evaluated and "perplexity" in evaluated[-1]:
+        summary["final_perplexity"] = evaluated[-1]["perplexity"]
+    epsilons: dict[str, float] = {}
+    for row in rows:
+        for client in row.get("clients", []):
+            if client.get("epsilon") is not None:
+                epsilons[client["node"]] = max(epsilons.get(client["node"], 0.0), client["epsilon"])
+    if epsilons:
+        summary["epsilon_max"] = max(epsilons.values())
+        summary["epsilon_per_client"] = dict(sorted(epsilons.items()))
+    summary.update(extra)
+    return summary
+
+
+def plot(rows: Sequence[dict[str, Any]], run_dir: Path) -> list[Path]:
+    """accuracy.png, bytes.png and (with DP) epsilon.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    rounds = [r["round"] for r in rows]
+
+    def save(fig, name):
+        path = Path(run_dir) / name
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    evaluated = [r for r in rows if r.get("accuracy") is not None]
+    ax.plot([r["round"] for r in evaluated], [r["accuracy"] for r in evaluated], marker="o")
+    ax.set(xlabel="round", ylabel="accuracy (held-out)", title="Global model accuracy")
+    ax.grid(alpha=0.3)
+    save(fig, "accuracy.png")
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.bar([x - 0.2 for x in rounds], [r["bytes_up"] for r in rows], width=0.4, label="up")
+    ax.bar([x + 0.2 for x in rounds], [r["bytes_down"] for r in rows], width=0.4, label="down")
+    ax.set(xlabel="round", ylabel="bytes", title="Communication per round")
+    ax.legend()
+    save(fig, "bytes.png")
+
+    if any(r.get("epsilon_max") is not None for r in rows):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        nodes = sorted({c["node"] for r in rows for c in r.get("clients", [])})
+        for node in nodes:
+            points = [(r["round"], c["epsilon"]) for r in rows for c in r.get("clients", [])
+                      if c["node"] == node and c.get("epsilon") is not None]
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=node)
+        ax.set(xlabel="round", ylabel="epsilon spent", title="Privacy spent per client")
+        if len(nodes) <= 10:
+            ax.legend(fontsize=7)
+        save(fig, "epsilon.png")
+    return written
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    keys = ["method", "rounds", "final_accuracy", "best_accuracy", "bytes_up_total",
+            "bytes_down_total", "wall_seconds", "epsilon_max", "rejected_total"]
+    lines = []
+    for key in keys:
+        if key in summary and summary[key] is not None:
+            value = summary[key]
+            text = f"{value:.4f}" if isinstance(value, float) else str(value)
+            lines.append(f"  {key:<18} {text}")
+    return "\n".join(lines)

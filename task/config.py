@@ -1,0 +1,144 @@
+"""Validation of a composed fedlora config: every wrong value fails here, before any work.
+
+Errors are collected and raised together as one :class:`ConfigError` whose message names
+each offending key, so a user fixes everything in one go.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+MODEL_SOURCES = ("package", "path", "tiny_bert", "tiny_llama")
+DATA_SOURCES = ("bbc_news", "csv", "jsonl", "disk", "synthetic")
+WIRE_DTYPES = ("float32", "float16", "bfloat16")
+ACCOUNTANTS = ("prv", "rdp")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message lists every problem found."""
+
+
+def validate(cfg: Mapping[str, Any]) -> None:
+    """Check a resolved config (plain dict). Raises ConfigError listing every problem."""
+    from fedlora.aggregation import available_methods
+
+    problems: list[str] = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    def number(section: str, key: str, low: float | None = None, *, above: bool = False,
+               integer: bool = False) -> float | None:
+        value = cfg.get(section, {}).get(key)
+        if integer and (not isinstance(value, int) or isinstance(value, bool)):
+            problems.append(f"{section}.{key} must be an integer, got {value!r}")
+            return None
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            problems.append(f"{section}.{key} must be a number, got {value!r}")
+            return None
+        if low is not None and (value <= low if above else value < low):
+            problems.append(f"{section}.{key} must be {'>' if above else '>='} {low}, got {value}")
+        return value
+
+    for section in ("model", "data", "strategy", "privacy", "federation"):
+        if not isinstance(cfg.get(section), Mapping):
+            raise ConfigError(f"config section {section!r} is missing")
+
+    strategy, model, data, privacy = cfg["strategy"], cfg["model"], cfg["data"], cfg["privacy"]
+    methods = available_methods()
+    need(strategy.get("name") in methods,
+         f"strategy.name {strategy.get('name')!r} is unknown; available: {', '.join(methods)}")
+    number("strategy", "rank", 1, integer=True)
+    number("strategy", "alpha", 0, above=True)
+    number("strategy", "lr", 0, above=True)
+    number("strategy", "local_steps", 1, integer=True)
+    number("strategy", "batch_size", 1, integer=True)
+    need(strategy.get("weighting") in ("examples", "uniform"),
+         f"strategy.weighting must be 'examples' or 'uniform', got {strategy.get('weighting')!r}")
+    if strategy.get("name") == "flora":
+        ranks = strategy.get("ranks") or []
+        need(bool(ranks) and all(isinstance(r, int) and r >= 1 for r in ranks),
+             f"strategy.ranks must be a non-empty list of integers >= 1, got {ranks!r}")
+    if strategy.get("name") == "fedsb":
+        number("strategy", "init_batches", 1, integer=True)
+        number("strategy", "init_lr", 0, above=True)
+
+    need(model.get("source") in MODEL_SOURCES,
+         f"model.source must be one of {MODEL_SOURCES}, got {model.get('source')!r}")
+    need(model.get("task") in ("classification", "causal_lm"),
+         f"model.task must be 'classification' or 'causal_lm', got {model.get('task')!r}")
+    number("model", "max_length", 2, integer=True)
+    need(bool(model.get("target_modules")), "model.target_modules must name at least one module")
+    if model.get("source") == "path":
+        path = model.get("path")
+        need(path not in (None, "???") and (Path(str(path)) / "config.json").is_file(),
+             f"model.path {path!r} is not a local Hugging Face model directory")
+
+    need(data.get("source") in DATA_SOURCES,
+         f"data.source must be one of {DATA_SOURCES}, got {data.get('source')!r}")
+    if data.get("source") in ("csv", "jsonl", "disk"):
+        path = data.get("path")
+        need(path not in (None, "???") and Path(str(path)).expanduser().exists(),
+             f"data.path {path!r} does not exist")
+    if data.get("source") != "synthetic":
+        fraction = number("data", "test_fraction", 0, above=True)
+        need(fraction is None or fraction < 1, f"data.test_fraction must be < 1, got {fraction}")
+
+    clients = number("federation", "num_clients", 1, integer=True)
+    per_round = number("federation", "clients_per_round", 1, integer=True)
+    minimum = number("federation", "min_clients", 1, integer=True)
+    number("federation", "rounds", 1, integer=True)
+    number("federation", "dirichlet_alpha", 0, above=True)
+    number("federation", "round_timeout_s", 0, above=True)
+    fraction = number("federation", "fraction_evaluate", 0)
+    need(fraction is None or fraction <= 1, "federation.fraction_evaluate must be <= 1")
+    if None not in (clients, per_round) and per_round > clients:
+        problems.append(
+            f"federation.clients_per_round ({per_round}) exceeds federation.num_clients ({clients})"
+        )
+    if None not in (minimum, per_round) and minimum > per_round:
+        problems.append(
+            f"federation.min_clients ({minimum}) exceeds federation.clients_per_round ({per_round})"
+        )
+
+    if privacy.get("enabled"):
+        number("privacy", "epsilon", 0, above=True)
+        delta = number("privacy", "delta", 0, above=True)
+        need(delta is None or delta < 1, f"privacy.delta must be < 1, got {delta}")
+        number("privacy", "max_grad_norm", 0, above=True)
+        need(privacy.get("accountant") in ACCOUNTANTS,
+             f"privacy.accountant must be one of {ACCOUNTANTS}, got {privacy.get('accountant')!r}")
+        need(privacy.get("grad_sample_mode") in ("hooks", "ghost"),
+             f"privacy.grad_sample_mode must be 'hooks' or 'ghost', got "
+             f"{privacy.get('grad_sample_mode')!r}")
+
+    need(cfg.get("wire_dtype") in WIRE_DTYPES,
+         f"wire_dtype must be one of {WIRE_DTYPES}, got {cfg.get('wire_dtype')!r}")
+    device = str(cfg.get("device"))
+    need(device in ("cpu", "auto") or device.startswith("cuda"),
+         f"device must be cpu, cuda[:N] or auto, got {device!r}")
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def validate_data(cfg: Mapping[str, Any], partition_sizes: list[int]) -> None:
+    """Checks that need the data: DP's delta < 1/N_k and batch sizes that fit the clients."""
+    problems = []
+    smallest = min(partition_sizes)
+    if cfg["privacy"].get("enabled"):
+        delta = float(cfg["privacy"]["delta"])
+        if delta >= 1.0 / smallest:
+            problems.append(
+                f"privacy.delta ({delta:g}) must be < 1/N_k for every client; the smallest "
+                f"client holds N_k = {smallest} examples (1/N_k = {1.0 / smallest:.3g})"
+            )
+    batch = int(cfg["strategy"]["batch_size"])
+    if batch > smallest:
+        problems.append(
+            f"strategy.batch_size ({batch}) exceeds the smallest client's {smallest} examples"
+        )
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))

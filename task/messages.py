@@ -1,0 +1,42 @@
+"""How fedlora messages are laid out inside Flower records (shared by client and server).
+
+The adapter travels as one encoded protobuf envelope (fedlora.protos) stored as a single
+uint8 array in an ArrayRecord; Flower chunks large arrays for transport. The byte count a
+run reports is the envelope's length.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+ENVELOPE = "envelope"
+CONFIG = "config"
+METRICS = "metrics"
+JOB_CONFIG_KEY = "fedlora-config"
+
+# Phases of the server's messages (ConfigRecord "phase").
+PHASE_DESCRIBE = "describe"   # the node tells its partition, examples and rank
+PHASE_INIT = "init"           # Fed-SB: gradient estimate for the LoRA-SB init
+PHASE_TRAIN = "train"
+
+
+def envelope_record(data: bytes) -> ArrayRecord:
+    return ArrayRecord({"bytes": Array(np.frombuffer(data, dtype=np.uint8).copy())})
+
+
+def envelope_bytes(content: RecordDict) -> bytes:
+    if ENVELOPE not in content.array_records:
+        raise ValueError("message carries no adapter envelope")
+    return content.array_records[ENVELOPE]["bytes"].numpy().tobytes()
+
+
+def config_record(job: Mapping[str, Any], **values: Any) -> ConfigRecord:
+    record = ConfigRecord({JOB_CONFIG_KEY: json.dumps(job, sort_keys=True)})
+    for key, value in values.items():
+        record[key] = value
+    return record
