@@ -14,6 +14,7 @@ import copy
 import hashlib
 import json
 import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,13 +42,13 @@ class AdapterSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+        if not is_int(self.rank) or self.rank < 1:
             raise ValueError(f"AdapterSpec.rank must be an integer >= 1, got {self.rank!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
             raise ValueError(f"AdapterSpec.alpha must be a number > 0, got {self.alpha!r}")
         if not math.isfinite(self.alpha) or self.alpha <= 0:
             raise ValueError(f"AdapterSpec.alpha must be finite and > 0, got {self.alpha!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+        if not is_int(self.seed):
             raise ValueError(f"AdapterSpec.seed must be an integer, got {self.seed!r}")
         if not isinstance(self.shapes, Mapping) or not self.shapes:
             raise ValueError("AdapterSpec.shapes must name at least one module: {name: (d_out, d_in)}")
@@ -55,9 +56,7 @@ class AdapterSpec:
         for name, shape in self.shapes.items():
             check_module_name(name)
             dims = tuple(shape)
-            if len(dims) != 2 or any(
-                isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims
-            ):
+            if len(dims) != 2 or any(not is_int(d) or d < 1 for d in dims):
                 raise ValueError(
                     f"AdapterSpec.shapes[{name!r}] must be (d_out, d_in) with integers >= 1, "
                     f"got {shape!r}"
@@ -66,10 +65,17 @@ class AdapterSpec:
         # Normalize to plain tuples (lists from JSON/Hydra would otherwise leak through).
         object.__setattr__(self, "shapes", shapes)
         object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "rank", int(self.rank))
+        object.__setattr__(self, "seed", int(self.seed))
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
+
+
+def is_int(x: object) -> bool:
+    """An integer (Python, numpy or torch), but not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def check_module_name(name: object) -> None:
@@ -193,16 +199,16 @@ def client_weights(updates: Sequence[ClientUpdate], weighting: str) -> list[floa
         raise ValueError("cannot aggregate an empty list of client updates")
     for u in updates:
         n = u.num_examples
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        if not is_int(n) or n < 0:
             raise ValueError(f"num_examples must be an integer >= 0, got {n!r} (node {u.node!r})")
     if weighting == "uniform":
         return [1.0 / len(updates)] * len(updates)
     if weighting != "examples":
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-    total = sum(u.num_examples for u in updates)
+    total = sum(int(u.num_examples) for u in updates)
     if total == 0:
         raise ValueError("weighting='examples' needs at least one update with num_examples > 0")
-    return [u.num_examples / total for u in updates]
+    return [int(u.num_examples) / total for u in updates]
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -240,20 +246,21 @@ def average_heads(
 
 
 def qr_svd(
-    u: torch.Tensor, v: torch.Tensor
+    u: torch.Tensor, v: torch.Tensor, dtype: torch.dtype = torch.float64
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD of the product M = u @ v (u: d_out x m, v: m x d_in) without forming M.
 
     u = Q1 R1 and v^T = Q2 R2 (thin QR), so M = Q1 (R1 R2^T) Q2^T; the small core
     R1 R2^T = Uc S Vc^T is SVD'd and rotated back: M = (Q1 Uc) S (Q2 Vc)^T. Cost
     O((d_out + d_in) m^2 + m^3) instead of O(d_out d_in min(d_out, d_in)).
-    Returns (Ul, S, Vt) in float64, Ul: d_out x k, S: k, Vt: k x d_in, k = min(m, d_out, d_in),
-    singular values descending.
+    The QRs and rotations run in ``dtype``, the small core SVD always in float64.
+    Returns (Ul, S, Vt) in ``dtype``, Ul: d_out x k, S: k, Vt: k x d_in,
+    k = min(m, d_out, d_in), singular values descending.
     """
-    q1, r1 = torch.linalg.qr(u.to(torch.float64))
-    q2, r2 = torch.linalg.qr(v.to(torch.float64).T)
-    uc, s, vct = torch.linalg.svd(r1 @ r2.T, full_matrices=False)
-    return q1 @ uc, s, vct @ q2.T
+    q1, r1 = torch.linalg.qr(u.to(dtype))
+    q2, r2 = torch.linalg.qr(v.to(dtype).T)
+    uc, s, vct = torch.linalg.svd(r1.double() @ r2.double().T, full_matrices=False)
+    return q1 @ uc.to(dtype), s.to(dtype), vct.to(dtype) @ q2.T
 
 
 def as_factor(t: torch.Tensor) -> torch.Tensor:
@@ -403,10 +410,10 @@ class Method(ABC):
                         f"{who}, module {module!r}: roles {sorted(roles)}, "
                         f"expected {list(self.uplink_roles)}"
                     )
-                r = spec.rank if fixed_rank else None
-                if not fixed_rank:
-                    r = roles["A"].shape[0] if "A" in roles and roles["A"].dim() == 2 else None
-                    if not isinstance(r, int) or r < 1:
+                r = spec.rank
+                if not fixed_rank:  # FLoRA: the client's own rank r_k, read off its A_k
+                    r = roles["A"].shape[0] if roles["A"].dim() == 2 else 0
+                    if r < 1:
                         raise ValueError(f"{who}, module {module!r}: A must be r_k x d_in, r_k >= 1")
                 want = {"A": (r, d_in), "B": (d_out, r), "R": (r, r), "G": (d_out, d_in)}
                 for role in self.uplink_roles:
@@ -444,14 +451,6 @@ def spec_from_meta(meta: Mapping[str, Any]) -> AdapterSpec:
         )
     except KeyError as e:
         raise ValueError(f"state meta lacks {e.args[0]!r}; was it made by init_state?") from None
-
-
-def module_shape(state: GlobalState, module: str) -> tuple[int, int]:
-    try:
-        d_out, d_in = state.meta["shapes"][module]
-    except KeyError:
-        raise ValueError(f"unknown module {module!r}") from None
-    return int(d_out), int(d_in)
 
 
 def require_downlink(downlink: Factors, spec: AdapterSpec, roles: Sequence[str]) -> None:

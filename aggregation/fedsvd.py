@@ -49,20 +49,26 @@ from .base import (
 
 
 def refactorize(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B', A') with B' A' = b @ a, A' with orthonormal rows, via QR + an r x r SVD."""
+    """(B', A') with B' A' = b @ a, A' with orthonormal rows, via QR + an r x r SVD.
+
+    QRs in float32 (backward stable; A is re-orthonormalized from scratch every time, so
+    no error accumulates over rounds), the r x r core in float64.
+    """
     rank, d_in = a.shape
-    u, s, vt = qr_svd(b, a)
+    u, s, vt = qr_svd(b, a, dtype=torch.promote_types(b.dtype, torch.float32))
     k = s.numel()
-    b_new = torch.zeros(b.shape[0], rank, dtype=torch.float64)
+    if k == rank:
+        return as_factor(u * s), as_factor(vt)
+    b_new = torch.zeros(b.shape[0], rank, dtype=u.dtype)
     b_new[:, :k] = u * s
-    a_new = torch.zeros(rank, d_in, dtype=torch.float64)
+    a_new = torch.zeros(rank, d_in, dtype=u.dtype)
     a_new[:k] = vt
-    if k < rank and k < d_in:
+    if k < d_in:
         # Only when r > d_out: complete the rows of A to an orthonormal set (B's columns
         # for them are zero, so the product is unchanged).
-        q, _ = torch.linalg.qr(vt.T, mode="complete")
+        q, _ = torch.linalg.qr(vt.double().T, mode="complete")
         extra = min(rank, d_in) - k
-        a_new[k : k + extra] = q[:, k : k + extra].T
+        a_new[k : k + extra] = q[:, k : k + extra].T.to(u.dtype)
     return as_factor(b_new), as_factor(a_new)
 
 

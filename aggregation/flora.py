@@ -41,6 +41,7 @@ from .base import (
     GlobalState,
     Method,
     as_factor,
+    is_int,
     qr_svd,
     require_downlink,
     shared_a,
@@ -109,8 +110,9 @@ class FLoRA(Method):
         self, downlink: Factors, spec: AdapterSpec, *, rank: int | None = None, seed: int = 0
     ) -> ClientStart:
         r = spec.rank if rank is None else rank
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        if not is_int(r) or r < 1:
             raise ValueError(f"flora: client rank must be an integer >= 1, got {rank!r}")
+        r = int(r)
         require_downlink(downlink, spec, ("B", "A"))
         init: Factors = {}
         base_delta: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

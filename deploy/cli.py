@@ -42,7 +42,15 @@ def _quiet() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # Inherited by Ray's workers: transformers' deprecation notice, raised through PEFT.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
     logging.getLogger("fedlora").setLevel(logging.INFO)
+    # Flower logs through its own console handler; propagating too would print twice
+    # (and at DEBUG through Hydra's root handler).
+    logging.getLogger("flwr").propagate = False
+    for noisy in ("alembic", "matplotlib", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _simulate(rest: list[str]) -> int:

@@ -62,9 +62,10 @@ from pathlib import Path
 from types import FrameType, TracebackType
 
 import psutil
-from fedlora.deploy._fsutil import atomic_write
+
 from fedlora.deploy.certs.generate import CertPaths, generate_certificates
 from fedlora.deploy.keys.generate import NodeKeyPair, default_names, generate_node_key, key_paths
+from fedlora.deploy.keys.register import write_connection_config
 
 __all__ = [
     "ConfigValue",
@@ -160,10 +161,6 @@ def format_config_args(config: Mapping[str, ConfigValue]) -> str:
     return " ".join(parts)
 
 
-def _toml_str(value: str) -> str:
-    return json.dumps(value)
-
-
 def _flower_executable(name: str) -> str:
     """Find a Flower command: next to this interpreter first (the venv), then on PATH."""
     candidate = Path(sys.executable).parent / name
@@ -200,6 +197,9 @@ class ManagedProcess:
     args: list[str]
     popen: subprocess.Popen[bytes]
     log_path: Path
+    # Logs are appended to (a restarted process keeps its predecessor's log), so each
+    # process reads its own part only: from this byte offset on.
+    log_offset: int = 0
 
     @property
     def pid(self) -> int:
@@ -223,11 +223,14 @@ class ManagedProcess:
             return None
 
     def log_text(self) -> str:
-        """The whole log so far, without terminal colour codes."""
+        """This process's log so far, without terminal colour codes."""
         try:
-            return _strip_ansi(self.log_path.read_text(encoding="utf-8", errors="replace"))
+            with open(self.log_path, "rb") as handle:
+                handle.seek(self.log_offset)
+                data = handle.read()
         except FileNotFoundError:
             return ""
+        return _strip_ansi(data.decode("utf-8", errors="replace"))
 
     def log_tail(self, lines: int = 30) -> str:
         """The last ``lines`` lines of the log."""
@@ -307,7 +310,9 @@ class LocalFederation:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.stop_all()
+        # A second Ctrl-C while we tear down must not leave half the processes alive.
+        with _signals_ignored():
+            self.stop_all()
 
     # ------------------------------------------------------------ credentials
 
@@ -340,12 +345,24 @@ class LocalFederation:
         env[MARKER_ENV] = self.marker
         return env
 
+    def start_process(
+        self, name: str, args: Sequence[str], *, flwr_home: Path | None = None
+    ) -> ManagedProcess:
+        """Start any command under this federation's management (logs, teardown).
+
+        For commands not covered by the helpers, e.g. a SuperNode started with the
+        exact command line of the edge unit file. ``flwr_home`` defaults to
+        ``flwr/NAME`` under the work dir.
+        """
+        return self._spawn(name, list(args), flwr_home or self.paths.flwr / name)
+
     def _spawn(self, name: str, args: list[str], flwr_home: Path) -> ManagedProcess:
         if name in {p.name for p in self.processes if p.is_running()}:
             raise FederationError(f"a process named {name!r} is already running")
         flwr_home.mkdir(parents=True, exist_ok=True)
         log_path = self.paths.logs / f"{name}.log"
         with open(log_path, "ab") as log_file:
+            offset = log_file.tell()
             log_file.write(f"$ {' '.join(args)}\n".encode())
             log_file.flush()
             # start_new_session: its own process group, so that a Ctrl-C in the
@@ -359,7 +376,7 @@ class LocalFederation:
                 env=self._env(flwr_home),
                 start_new_session=True,
             )
-        proc = ManagedProcess(name, args, popen, log_path)
+        proc = ManagedProcess(name, args, popen, log_path, offset)
         self.processes.append(proc)
         _log.info("started %s (pid %d), log %s", name, proc.pid, log_path)
         return proc
@@ -370,15 +387,22 @@ class LocalFederation:
         self,
         *,
         supernode_auth: bool | None = None,
+        fresh_state: bool = True,
         ready_timeout_s: float = 60.0,
         attempts: int = 3,
     ) -> SuperLinkEndpoint:
         """Start ``flower-superlink`` on loopback ports and wait until both APIs answer.
 
         ``supernode_auth`` defaults to on with TLS (it requires TLS in flwr 1.39).
+        ``fresh_state`` deletes ``state/superlink.db`` of an earlier run in this work
+        dir first: its registered keys would make re-registration fail ("Public key
+        already in use"). The database of this run stays for inspection.
         """
         if self.superlink_process is not None and self.superlink_process.is_running():
             raise FederationError("the SuperLink is already running")
+        if fresh_state:
+            for stale in self.paths.state.glob("superlink.db*"):
+                stale.unlink()
         auth = (not self.insecure) if supernode_auth is None else supernode_auth
         if auth and self.insecure:
             raise ValueError("SuperNode authentication requires TLS (insecure=False)")
@@ -417,7 +441,11 @@ class LocalFederation:
                 if _port_open(LOOPBACK, fleet_port) and _port_open(LOOPBACK, control_port):
                     break
                 time.sleep(0.2)
-            if proc.is_running() and _port_open(LOOPBACK, control_port):
+            if (
+                proc.is_running()
+                and _port_open(LOOPBACK, control_port)
+                and _port_open(LOOPBACK, fleet_port)
+            ):
                 self.superlink_process = proc
                 self.superlink = SuperLinkEndpoint(
                     fleet_address=f"{LOOPBACK}:{fleet_port}",
@@ -437,21 +465,9 @@ class LocalFederation:
     def write_cli_config(self) -> Path:
         """Write ``flwr/cli/config.toml`` naming the running SuperLink's Control API."""
         endpoint = self._require_superlink()
-        lines = [
-            "[superlink]",
-            f"default = {_toml_str(self.connection_name)}",
-            "",
-            f"[superlink.{self.connection_name}]",
-            f"address = {_toml_str(endpoint.control_address)}",
-        ]
-        if endpoint.insecure:
-            lines.append("insecure = true")
-        else:
-            assert endpoint.ca_cert is not None
-            lines.append(f"root-certificates = {_toml_str(str(endpoint.ca_cert))}")
-        path = self.cli_home / "config.toml"
-        atomic_write(path, ("\n".join(lines) + "\n").encode())
-        return path
+        return write_connection_config(
+            self.cli_home, self.connection_name, endpoint.control_address, endpoint.ca_cert
+        )
 
     @property
     def cli_home(self) -> Path:
@@ -653,7 +669,10 @@ class LocalFederation:
         app_dir = Path(app_dir).resolve()
         if not (app_dir / "pyproject.toml").is_file():
             raise FederationError(f"{app_dir} has no pyproject.toml (not a Flower App)")
-        fab = build_fab_from_disk(app_dir)
+        with warnings.catch_warnings():
+            # Flower's builder triggers pathspec deprecation warnings: not ours to fix.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            fab = build_fab_from_disk(app_dir)
         staged = self.paths.app
         if staged.exists():
             shutil.rmtree(staged)
@@ -828,22 +847,25 @@ def _follow(proc: ManagedProcess, deadline: float | None) -> Iterator[str]:
     lines: queue.Queue[str | None] = queue.Queue()
     stop = threading.Event()
 
+    def decode(raw: bytes) -> str:
+        return _strip_ansi(raw.decode("utf-8", errors="replace").rstrip("\r\n"))
+
     def reader() -> None:
-        with open(proc.log_path, encoding="utf-8", errors="replace") as handle:
-            pending = ""
+        with open(proc.log_path, "rb") as handle:
+            handle.seek(proc.log_offset)
+            pending = b""
             while True:
                 chunk = handle.readline()
                 if chunk:
                     pending += chunk
-                    if pending.endswith("\n"):
-                        lines.put(_strip_ansi(pending.rstrip("\r\n")))
-                        pending = ""
+                    if pending.endswith(b"\n"):
+                        lines.put(decode(pending))
+                        pending = b""
                     continue
                 if stop.is_set() or not proc.is_running():
-                    # Process gone: drain what is left once more, then finish.
-                    rest = handle.read()
-                    for line in (pending + rest).splitlines():
-                        lines.put(_strip_ansi(line))
+                    # Process gone: drain what it wrote last, then finish.
+                    for raw in (pending + handle.read()).splitlines():
+                        lines.put(decode(raw))
                     lines.put(None)
                     return
                 time.sleep(0.05)
@@ -872,6 +894,20 @@ def _follow(proc: ManagedProcess, deadline: float | None) -> Iterator[str]:
     finally:
         stop.set()
         thread.join(timeout=2)
+
+
+@contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """Ignore SIGINT/SIGTERM for a bounded critical section (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @contextmanager

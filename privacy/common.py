@@ -4,7 +4,9 @@ the per-sample loss, and scrubbing Opacus state off a model."""
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -23,6 +25,16 @@ _PARAM_ATTRS = ("grad_sample", "_forward_counter", "_current_grad_sample", "_nor
 _MODULE_ATTRS: tuple[tuple[str, Any], ...] = (
     ("activations", list), ("max_batch_len", int), ("ft_compute_sample_grad", object),
 )
+
+
+@contextmanager
+def quiet_hooks() -> Iterator[None]:
+    """Hide PyTorch's note that a full backward hook fires on module outputs when no input
+    needs a gradient (the first adapted layer after a frozen embedding): Opacus only needs
+    the output gradients, so it is expected, and it would repeat on every layer."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients")
+        yield
 
 
 def check_loader(data_loader: DataLoader, sample_rate: float) -> tuple[int, int]:

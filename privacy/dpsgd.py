@@ -12,7 +12,7 @@ import copy
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,7 @@ from .common import (
     noise_generator,
     per_sample_loss,
     poisson_loader,
+    quiet_hooks,
     scrub_opacus,
 )
 from .ledger import PrivacyLedger
@@ -192,33 +193,9 @@ def run_private_round(
         dp_optimizer.expected_batch_size = batch_size
         dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=q))
 
-        batches = cycle(loader)
-        total_loss, seen = 0.0, 0
-        for step in range(1, steps + 1):
-            batch = next(batches)
-            dp_optimizer.zero_grad(set_to_none=True)
-            logits, targets = forward(model, batch)
-            n = int(targets.shape[0])
-            if criterion is not None:
-                classes = logits.shape[-1]
-                loss = criterion(
-                    logits.reshape(-1, classes).float(), targets.reshape(-1),
-                    shape=(n, math.prod(targets.shape[1:])),
-                )
-                losses = loss.loss_per_sample.detach()
-                loss.backward()  # two passes: per-sample norms, then the clipped sum
-            else:
-                losses = per_sample_loss(logits, targets)
-                # Mean over the batch, as Opacus's loss_reduction="mean" expects; an empty
-                # Poisson batch gives a zero loss that still runs the hooks.
-                (losses.sum() / max(n, 1)).backward()
-                losses = losses.detach()
-            dp_optimizer.step()
-            batch_loss = float(losses.sum())
-            total_loss += batch_loss
-            seen += n
-            if on_step is not None:
-                on_step(step, batch_loss / n if n else math.nan)
+        with quiet_hooks():
+            total_loss, seen = _steps(model, dp_optimizer, criterion, cycle(loader), forward,
+                                      steps, on_step)
 
         # Opacus's accountant saw every step; it must agree with what we record.
         if engine.accountant.history != expected_history:
@@ -243,3 +220,42 @@ def run_private_round(
         epsilon=epsilon,
         seconds=time.perf_counter() - start,
     )
+
+
+def _steps(
+    model: nn.Module,
+    dp_optimizer: Any,
+    criterion: Any,
+    batches: Iterator[Any],
+    forward: Forward,
+    steps: int,
+    on_step: Callable[[int, float], None] | None,
+) -> tuple[float, int]:
+    """Exactly ``steps`` DP-SGD steps; returns (summed per-example loss, examples seen)."""
+    total_loss, seen = 0.0, 0
+    for step in range(1, steps + 1):
+        batch = next(batches)
+        dp_optimizer.zero_grad(set_to_none=True)
+        logits, targets = forward(model, batch)
+        n = int(targets.shape[0])
+        if criterion is not None:
+            classes = logits.shape[-1]
+            loss = criterion(
+                logits.reshape(-1, classes).float(), targets.reshape(-1),
+                shape=(n, math.prod(targets.shape[1:])),
+            )
+            losses = loss.loss_per_sample.detach()
+            loss.backward()  # two passes: per-example norms, then the clipped sum
+        else:
+            losses = per_sample_loss(logits, targets)
+            # Mean over the batch, as Opacus's loss_reduction="mean" expects; an empty
+            # Poisson batch gives a zero loss that still runs the hooks.
+            (losses.sum() / max(n, 1)).backward()
+            losses = losses.detach()
+        dp_optimizer.step()
+        batch_loss = float(losses.sum())
+        total_loss += batch_loss
+        seen += n
+        if on_step is not None:
+            on_step(step, batch_loss / n if n else math.nan)
+    return total_loss, seen

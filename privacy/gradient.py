@@ -25,6 +25,7 @@ from .common import (
     noise_generator,
     per_sample_loss,
     poisson_loader,
+    quiet_hooks,
     scrub_opacus,
 )
 from .dpsgd import DPSettings
@@ -116,10 +117,11 @@ def run_private_gradient_estimate(
             logits, labels = forward(model, batch)
             losses = per_sample_loss(logits, labels)
             n = int(losses.shape[0])
-            if ghost:
-                sums = _ghost_clipped_sum(hooks, targets, losses)
-            else:
-                sums = _hooks_clipped_sum(hooks, targets, losses, clip)
+            with quiet_hooks():
+                if ghost:
+                    sums = _ghost_clipped_sum(hooks, targets, losses)
+                else:
+                    sums = _hooks_clipped_sum(hooks, targets, losses, clip)
             # Poisson batches are averaged over the expected size (the size itself is
             # private); plain batches over their own size.
             denominator = batch_size if private else max(n, 1)

@@ -196,6 +196,13 @@ def _parse(data: bytes, max_bytes: int | None) -> pb.AdapterEnvelope:
         msg.ParseFromString(bytes(data))
     except DecodeError as e:
         raise _reject(RejectReason.TRUNCATED, f"protobuf parse failed: {e}") from None
+    # A newer schema may lay fields out differently: report its version before anything else.
+    # (0 means absent, e.g. a message cut before its first byte: the trailer check decides.)
+    if msg.schema_version not in (0, SCHEMA_VERSION):
+        raise _reject(
+            RejectReason.SCHEMA_VERSION,
+            f"schema version {msg.schema_version}, this decoder reads {SCHEMA_VERSION}",
+        )
     if not msg.HasField("tensor_count"):
         raise _reject(RejectReason.TRUNCATED, "no trailer (tensor_count): message cut short")
     if msg.tensor_count > len(msg.tensors):
@@ -397,6 +404,8 @@ def _check_ranks(env: Envelope, expect: Expectation, ranks: Mapping[str, int]) -
 
 def _sizes(x: Envelope | bytes | bytearray | memoryview, wire_dtype: str) -> tuple[int, int]:
     if isinstance(x, Envelope):
+        if wire_dtype not in _DTYPES:
+            raise ValueError(f"wire_dtype must be one of {WIRE_DTYPES}, got {wire_dtype!r}")
         size = np.dtype(_DTYPES[wire_dtype][2]).itemsize
         factors = sum(t.numel() for roles in x.factors.values() for t in roles.values())
         return factors * size, sum(t.numel() for t in x.head.values()) * size

@@ -211,15 +211,15 @@ def _synthetic(data_cfg, task: str, vocab_size: int) -> TokenizedData:
         data = TensorDataset(ids, mask, ids.clone())
         labels, names = None, []
     else:
-        # Each class owns two marker tokens; a sequence holds three markers of its class.
+        # Each class owns two marker tokens; a sequence holds six markers of its class.
         low = 2 * classes + 1
         if vocab_size <= low + 8:
             raise ValueError(f"vocab_size {vocab_size} too small for {classes} synthetic classes")
         ids = torch.randint(low, vocab_size, (n, seq_len), generator=generator)
         labels = torch.randint(0, classes, (n,), generator=generator)
         for row in range(n):
-            slots = torch.randperm(seq_len - 1, generator=generator)[:3] + 1
-            markers = 1 + 2 * labels[row] + torch.randint(0, 2, (3,), generator=generator)
+            slots = torch.randperm(seq_len - 1, generator=generator)[:6] + 1
+            markers = 1 + 2 * labels[row] + torch.randint(0, 2, (6,), generator=generator)
             ids[row, slots] = markers
         ids[:, 0] = 0
         data = TensorDataset(ids, torch.ones_like(ids), labels)

@@ -126,6 +126,8 @@ def test_global_delta_is_weighted_mean_of_client_deltas(name: str, sc: dict) -> 
     spec, gen = sc["spec"], torch.Generator().manual_seed(sc["seed"])
     method = make(name, sc)
     state = method.init_state(spec)
+    if name == "fedsb" and sc["compress"]:  # (a spare coin) start from the LoRA-SB init
+        state = method.init_from_gradients(spec, _grad_updates(spec, gen, sc["examples"]), lr=0.1)
     for _ in range(sc["rounds"]):
         updates = [
             train(method, state, spec, gen, n=n, rank=r if name == "flora" else None, seed=i)
@@ -206,6 +208,14 @@ def test_flora_heterogeneous_ranks_and_skipping_client() -> None:
             assert torch.equal(start.init[m]["B"], torch.zeros(spec.shapes[m][0], 1))
     # Accumulated rank is capped at min(d_out, d_in) by exact compression.
     assert state.factors["q"]["B"].shape[1] <= 10 and state.factors["v"]["A"].shape[0] <= 8
+
+
+def test_flora_fresh_a_is_seeded_per_client() -> None:
+    method = get_method("flora")
+    spec = AdapterSpec({"q": (12, 10)}, rank=4, alpha=8)
+    down = method.downlink(method.init_state(spec))
+    a = [method.client_start(down, spec, rank=3, seed=s).init["q"]["A"] for s in (1, 1, 2)]
+    assert torch.equal(a[0], a[1]) and not torch.equal(a[0], a[2]) and a[0].shape == (3, 10)
 
 
 def test_flora_compress_keeps_smallest_exact_form() -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-from opacus.accountants import PRVAccountant, create_accountant
-
 from fedlora.privacy import (
     ACCOUNTANTS,
     calibrate_noise_multiplier,
@@ -15,6 +13,7 @@ from fedlora.privacy import (
     format_privacy_table,
     validate_delta,
 )
+from opacus.accountants import PRVAccountant, create_accountant
 
 
 @pytest.mark.parametrize(
@@ -39,22 +38,15 @@ def test_calibration_rejects_bad_inputs(kwargs: dict) -> None:
         calibrate_noise_multiplier(**args)
 
 
-@pytest.mark.parametrize("accountant", ACCOUNTANTS)
-def test_calibration_meets_target_with_the_reporting_accountant(accountant: str) -> None:
-    sigma = calibrate_noise_multiplier(3.0, 1e-5, 0.02, 300, accountant)
-    spent = epsilon_for_history([(sigma, 0.02, 300)], 1e-5, accountant)
-    assert spent <= 3.0
-    assert spent > 3.0 - 0.1  # not wastefully over-noised either
-
-
 def test_federation_wide_calibration_keeps_budget_and_per_round_does_not() -> None:
-    """Accounting view of the make_private_with_epsilon-every-round trap (RDP, fast)."""
+    """Accounting view of the make_private_with_epsilon-every-round trap (RDP, fast; the
+    PRV version runs real rounds in test_privacy_training.py)."""
     target, delta, q, tau, rounds = 3.0, 1e-5, 0.02, 50, 5
     federation = calibrate_noise_multiplier(target, delta, q, tau * rounds, "rdp")
     per_round = calibrate_noise_multiplier(target, delta, q, tau, "rdp")
     spent_ok = epsilon_for_history([(federation, q, tau)] * rounds, delta, "rdp")
     spent_trap = epsilon_for_history([(per_round, q, tau)] * rounds, delta, "rdp")
-    assert spent_ok <= target
+    assert target - 0.05 <= spent_ok <= target  # on target, not wastefully over-noised
     assert spent_trap > 1.3 * target
 
 

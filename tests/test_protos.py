@@ -256,6 +256,8 @@ def test_every_reject_reason(reason: str) -> None:
         (lambda: _raw_with(raw_tensor("l0.q", "HEAD", [2])), RejectReason.UNKNOWN_MODULE),
         (lambda: _raw_with(raw_tensor("l0.q", "A", [2, 7])), RejectReason.WRONG_ROLE),
         (lambda: raw_envelope(method="ffa", round=3, tensor_count=None), RejectReason.TRUNCATED),
+        (lambda: raw_envelope(schema_version=2, tensor_count=None), RejectReason.SCHEMA_VERSION),
+        (lambda: raw_envelope(schema_version=0, method="ffa", round=3), RejectReason.SCHEMA_VERSION),
         (lambda: raw_envelope(method="ffa", round=3, tensor_count=3), RejectReason.TRUNCATED),
         (lambda: raw_envelope(method="ffa", round=3, direction=0), RejectReason.MALFORMED),
         (lambda: b"\xff\xff\xff", RejectReason.TRUNCATED),

@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import argparse
 import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
 from fedlora.deploy._fsutil import atomic_write
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -86,6 +88,24 @@ def generate_node_keys(out: Path, names: list[str], *, force: bool = False) -> l
     return [generate_node_key(out, name, force=force) for name in names]
 
 
+SUPEREXEC_SECRET = "superexec-secret.key"
+
+
+def generate_superexec_secret(out: Path, *, force: bool = False) -> Path:
+    """Write a random SuperLink/SuperExec shared secret (``superexec-secret.key``, 0600).
+
+    Used with ``--isolation process``: ``flower-superlink --superexec-auth-secret-file``
+    and ``flower-superexec --superexec-auth-secret-file`` must read the same bytes, so
+    that only our SuperExec can pick up ServerApp runs from the runtime API (flwr 1.39
+    marks this experimental). The ``.key`` suffix keeps it out of git (.gitignore).
+    """
+    path = Path(out) / SUPEREXEC_SECRET
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} already exists (use force)")
+    atomic_write(path, secrets.token_hex(32).encode(), mode=0o600)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(
@@ -93,20 +113,32 @@ def main(argv: list[str] | None = None) -> int:
         description="Generate SuperNode authentication key pairs (EC P-384, OpenSSH format).",
     )
     parser.add_argument("--out", type=Path, required=True, help="output directory")
-    group = parser.add_mutually_exclusive_group(required=True)
+    group = parser.add_mutually_exclusive_group()
     group.add_argument("--nodes", type=int, help="number of key pairs: supernode-0 .. N-1")
     group.add_argument("--name", action="append", help="name of one node's key pair (repeat)")
-    parser.add_argument("--force", action="store_true", help="overwrite existing key pairs")
+    parser.add_argument(
+        "--superexec-secret",
+        action="store_true",
+        help=f"also write {SUPEREXEC_SECRET} (SuperLink/SuperExec shared secret)",
+    )
+    parser.add_argument("--force", action="store_true", help="overwrite existing files")
     args = parser.parse_args(argv)
+    if args.nodes is None and not args.name and not args.superexec_secret:
+        parser.error("give --nodes N, --name NAME or --superexec-secret")
     if args.nodes is not None and args.nodes < 1:
         parser.error("--nodes must be at least 1")
-    names = default_names(args.nodes) if args.nodes is not None else args.name
+    names = default_names(args.nodes) if args.nodes is not None else (args.name or [])
     try:
         pairs = generate_node_keys(args.out, names, force=args.force)
+        secret = (
+            generate_superexec_secret(args.out, force=args.force) if args.superexec_secret else None
+        )
     except (ValueError, FileExistsError) as err:
         parser.error(str(err))
     for pair in pairs:
         print(f"{pair.name}: private {pair.private_key} (0600), public {pair.public_key}")
+    if secret is not None:
+        print(f"SuperExec shared secret: {secret} (0600)")
     return 0
 
 
