@@ -17,9 +17,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from fedlora.privacy import DPSettings, PrivacyLedger, run_private_round
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from fedlora.privacy import DPSettings, PrivacyLedger, run_private_round
 
 
 def _model_dir() -> Path:

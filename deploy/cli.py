@@ -33,8 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return commands[command](rest)
     except KeyboardInterrupt:
+        from .simulate import stop_everything
+
+        stop_everything()
         print("\nfedlora: interrupted; every process it started was stopped", file=sys.stderr)
-        return 130
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # The ServerApp runs in a worker thread that may be blocked waiting for replies
+        # from workers that are gone: exit without joining it.
+        os._exit(130)
 
 
 def _quiet() -> None:
@@ -105,7 +112,7 @@ def _resume(rest: list[str]) -> int:
         job["ledger_dir"] = str(args.run_dir / "privacy")
     try:
         if job.get("deployment"):
-            from .local import resume_local
+            from .local_run import resume_local
 
             return resume_local(job)
         run_simulation(job, resume=True)

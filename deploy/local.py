@@ -491,8 +491,8 @@ class LocalFederation:
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
-            # cwd matters: `flwr` migrates a pyproject.toml [tool.flwr.federations]
-            # found in the working directory. The work dir has none.
+            # Never the user's project dir: `flwr` rewrites a pyproject.toml with a
+            # [tool.flwr.federations] table that it takes for legacy usage.
             cwd=self.work_dir,
             env=self._env(self.cli_home),
             timeout=timeout_s,
@@ -524,8 +524,14 @@ class LocalFederation:
                 )  # fmt: skip
             ids: dict[str, int] = {}
             failures: list[str] = []
+            deadline = time.monotonic() + timeout_s
             for name, popen in running.items():
-                out, _ = popen.communicate(timeout=timeout_s)
+                try:
+                    out, _ = popen.communicate(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    raise FederationTimeout(
+                        f"`flwr supernode register` for {name} took over {timeout_s:.0f} s"
+                    ) from None
                 node_id = _parse_node_id(out)
                 if popen.returncode != 0 or node_id is None:
                     failures.append(f"{name}: rc={popen.returncode}\n{_strip_ansi(out)}")

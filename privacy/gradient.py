@@ -110,7 +110,7 @@ def run_private_gradient_estimate(
         device = targets[0].device
         noise_gen = noise_generator(generator, device)
         loader = poisson_loader(data_loader, q, generator) if private else data_loader
-        totals = [torch.zeros(p.shape, dtype=torch.float32, device=device) for p in targets]
+        totals = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in targets]
         batches = cycle(loader)
         for _ in range(steps):
             batch = next(batches)
@@ -127,10 +127,11 @@ def run_private_gradient_estimate(
             denominator = batch_size if private else max(n, 1)
             for total, summed in zip(totals, sums, strict=True):
                 if sigma > 0:
-                    summed = summed + torch.normal(
+                    noise = torch.normal(
                         0.0, sigma * clip, size=summed.shape, generator=noise_gen,
                         device=device, dtype=summed.dtype,
                     )
+                    summed = summed + noise.to(summed.device)
                 total += summed / denominator
             for p in targets:
                 p.grad = None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from opacus.accountants import PRVAccountant, create_accountant
+
 from fedlora.privacy import (
     ACCOUNTANTS,
     calibrate_noise_multiplier,
@@ -13,7 +15,6 @@ from fedlora.privacy import (
     format_privacy_table,
     validate_delta,
 )
-from opacus.accountants import PRVAccountant, create_accountant
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
+from opacus.accountants import create_accountant
+
 from fedlora.privacy import (
     ACCOUNTANTS,
     BudgetExhausted,
@@ -14,7 +16,6 @@ from fedlora.privacy import (
     PrivacyLedger,
     ledger_filename,
 )
-from opacus.accountants import create_accountant
 
 DELTA = 1e-4
 

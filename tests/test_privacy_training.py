@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
 from fedlora.privacy import (
     BudgetExhausted,
     DPSettings,
@@ -17,8 +20,6 @@ from fedlora.privacy import (
     run_private_round,
 )
 from fedlora.privacy.common import per_sample_loss
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 VOCAB, DIM, CLASSES, SEQ = 50, 8, 3, 6
 
@@ -157,6 +158,37 @@ def test_bert_lora_round_updates_lora_only_and_can_repeat(
         assert not any(k.startswith("_module.") or "._module." in k for k in keys)
     assert ledger.history == [(1.0, 0.2, 4)]
     assert [r["round"] for r in ledger.rounds] == [1, 2]
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_tiny_llama_causal_lm_round(tmp_path: Path, mode: str) -> None:
+    """Token-level targets through a real causal LM: shifted logits, ignored prompt."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+    )
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                           task_type="CAUSAL_LM")
+    model = peft.get_peft_model(transformers.LlamaForCausalLM(config), lora).train()
+    ids = torch.randint(0, 64, (20, 10), generator=torch.Generator().manual_seed(2))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    loader = DataLoader(TensorDataset(ids, labels), batch_size=5)
+
+    def forward(model: nn.Module, batch):
+        ids, labels = batch
+        return model(input_ids=ids).logits[:, :-1, :], labels[:, 1:]
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    settings = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.25, steps=2,
+                          accountant="rdp", grad_sample_mode=mode)
+    stats = run_private_round(model, sgd(model), loader, forward, settings, ledger_for(tmp_path),
+                              generator=torch.Generator().manual_seed(0))
+    assert stats.steps == 2 and stats.mean_loss == stats.mean_loss  # finite loss
+    assert all(not torch.equal(p, dict(model.named_parameters())[n]) for n, p in before.items())
 
 
 def test_tiny_round_exact_steps_and_frozen_embedding(tmp_path: Path) -> None:
@@ -330,21 +362,17 @@ def test_gradient_estimate_without_noise_is_the_plain_mean(mode: str) -> None:
     settings = DPSettings(noise_multiplier=0.0, max_grad_norm=1e12, sample_rate=0.5, steps=2,
                           grad_sample_mode=mode)
     got = run_private_gradient_estimate(model, weights, loader, tiny_forward, settings, None)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags  # restored
+    assert count_hooks(model) == hooks_before and model.training
+    assert not hasattr(model.hidden.weight, "grad_sample") and model.hidden.weight.grad is None
     for p in model.parameters():
         p.requires_grad_(True)
     ids, labels = loader.dataset.tensors
     halves = [per_sample_loss(*tiny_forward(model, (ids[i:i + 6], labels[i:i + 6]))).mean()
               for i in (0, 6)]
     want = torch.autograd.grad(sum(halves) / 2, [model.hidden.weight, model.head.weight])
-    for p in model.parameters():
-        p.requires_grad_(False)
     assert torch.allclose(got["hidden"], want[0], atol=1e-6)
     assert torch.allclose(got["head"], want[1], atol=1e-6)
-    for n, p in model.named_parameters():
-        p.requires_grad_(flags[n])
-    model.head.bias.requires_grad_(True)
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert count_hooks(model) == hooks_before and model.training
 
 
 def test_gradient_estimate_clips_and_both_modes_agree() -> None:

@@ -18,6 +18,10 @@ Why this format: in flwr 1.39 ``flower-supernode`` loads the private key with
 ``load_ssh_public_key`` and accepts NIST EC curves only. The result is the same as
 ``ssh-keygen -t ecdsa -b 384 -N '' -f NAME``. Existing key pairs are never overwritten
 (a node's identity must not change by accident) unless ``--force`` is given.
+
+``--superexec-secret`` also writes ``superexec-secret.key`` (0600): the shared secret of a
+SuperLink running ``--isolation process`` and its separate ``flower-superexec`` (see
+deploy/docker/compose.yaml).
 """
 
 from __future__ import annotations
