@@ -12,9 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import secrets
 from typing import Any
 
 import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
 from fedlora.privacy import (
     BudgetExhausted,
     DPSettings,
@@ -27,8 +32,6 @@ from fedlora.protos import Envelope, decode, encode
 from fedlora.task import messages as msgs
 from fedlora.task.data import federation_partition
 from fedlora.task.evaluate import evaluate
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 
 from .faults import corrupt
 from .runtime import ClientRuntime, get_runtime
@@ -81,6 +84,55 @@ def _dataset(runtime: ClientRuntime, node: _Node):
 def _seed(cfg: dict[str, Any], round_: int, partition: int) -> int:
     text = f"{cfg['federation']['seed']}:{round_}:{partition}"
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
+
+
+def _private_seed(ledger: PrivacyLedger, round_: int) -> int:
+    """A seed for DP-SGD's noise and Poisson sampling that only this node knows.
+
+    Noise seeded from the shared config seed would let the server regenerate and subtract
+    it. The node keeps a random secret beside its ledger (mode 0600, never sent), so its
+    noise is unpredictable to everyone else yet reproducible for the node itself.
+    """
+    path = ledger.path.with_suffix(".secret")
+    if not path.exists():
+        tmp = path.with_suffix(".secret.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    digest = hashlib.sha256(f"{path.read_text().strip()}:{round_}".encode()).digest()
+    return int.from_bytes(digest[:7], "little")
+
+
+class _ReplayCache:
+    """The update a DP client already released for a round, kept beside its ledger.
+
+    After a server crash the resumed round arrives again with the same downlink; sending
+    the same bytes again reveals nothing new and spends no budget, so the ledger never
+    counts a round twice. A different downlink (or no cached file) means training anew,
+    which is recorded anew.
+    """
+
+    def __init__(self, ledger: PrivacyLedger, round_: int, downlink: bytes):
+        digest = hashlib.sha256(downlink).hexdigest()[:16]
+        self.path = ledger.path.with_suffix(f".round-{round_}.{digest}.update")
+        self.meta = self.path.with_suffix(".json")
+
+    def load(self) -> tuple[bytes, dict[str, float]] | None:
+        if self.path.is_file() and self.meta.is_file():
+            return self.path.read_bytes(), json.loads(self.meta.read_text())
+        return None
+
+    def store(self, data: bytes, metrics: dict[str, float]) -> None:
+        for path, payload in ((self.path, data), (self.meta, json.dumps(metrics).encode())):
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "wb") as handle:
+                handle.write(payload)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
 
 
 def _privacy(runtime: ClientRuntime, node: _Node, num_examples: int, extra_steps: int = 0):
@@ -151,7 +203,19 @@ def train(msg: Message, context: Context) -> Message:
         dp = _privacy(runtime, node, len(dataset), init_steps)
     except BudgetExhausted as exc:  # raised by an already exhausted ledger
         return _reply(msg, None, dict(base, refused=1.0), {"reason": f"budget exhausted: {exc}"})
-    downlink = decode(msgs.envelope_bytes(msg.content))
+    downlink_bytes = msgs.envelope_bytes(msg.content)
+    downlink = decode(downlink_bytes)
+    cache = None
+    if dp is not None:
+        ledger = dp[1]
+        torch.manual_seed(_private_seed(ledger, round_))
+        generator = torch.Generator().manual_seed(_private_seed(ledger, round_) + 1)
+        cache = _ReplayCache(ledger, round_, downlink_bytes)
+        cached = cache.load() if ledger.has_round(round_) else None
+        if cached is not None:
+            _log.info("%s: round %d already trained; re-sending the same update", node.name,
+                      round_)
+            return _reply(msg, cached[0], cached[1])
     if phase == msgs.PHASE_INIT:
         return _init_round(msg, runtime, node, dataset, dp, round_, generator, base)
 
@@ -186,6 +250,8 @@ def train(msg: Message, context: Context) -> Message:
         data = corrupt(data, envelope, fault, cfg["wire_dtype"])
     metrics = dict(base, **{"train-loss": result.train_loss, "train-seconds": result.seconds,
                             "bytes-up": float(len(data))}, **_privacy_metrics(dp, result.epsilon))
+    if cache is not None:
+        cache.store(data, metrics)
     return _reply(msg, data, metrics)
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import math
 
 import torch
+
 from fedlora.protos import Envelope, encode, to_message
 
 FAULTS = (

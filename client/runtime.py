@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
 from fedlora.aggregation import AdapterSpec, Method, get_method
 from fedlora.task.adapters import AdapterHost
 from fedlora.task.data import TokenizedData, load_data

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
 from fedlora.privacy import (
     DPSettings,
     PrivacyLedger,
@@ -15,8 +18,6 @@ from fedlora.privacy import (
     run_private_round,
 )
 from fedlora.task.evaluate import forward, loss_of
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 
 @dataclass

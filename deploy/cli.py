@@ -63,9 +63,10 @@ def _quiet() -> None:
 def _simulate(rest: list[str]) -> int:
     """Hydra owns the argument list: overrides, -m for multirun, hydra.run.dir=..."""
     import hydra
-    from fedlora.task.config import ConfigError
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig, OmegaConf
+
+    from fedlora.task.config import ConfigError
 
     from .simulate import RunFailed, prepare_run, run_simulation
 

@@ -46,9 +46,10 @@ def write_config(job: dict[str, Any], path: Path) -> None:
 
 def run_simulation(job: dict[str, Any], *, resume: bool = False) -> None:
     """Run the job's federation with Flower's simulation runtime; raise RunFailed on failure."""
+    from flwr.simulation import run_simulation as flwr_run_simulation
+
     from fedlora.client.app import app as client_app
     from fedlora.server.app import run_server
-    from flwr.simulation import run_simulation as flwr_run_simulation
 
     outcome: dict[str, Any] = {}
     from flwr.serverapp import ServerApp

@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedlora.aggregation import get_method
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+
+from fedlora.aggregation import get_method
 
 from .evaluation import CentralEvaluator
 from .report import plot, summarize, summary_table, write_json_atomic

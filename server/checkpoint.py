@@ -13,8 +13,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from fedlora.aggregation import GlobalState
 from safetensors.torch import load_file, save_file
+
+from fedlora.aggregation import GlobalState
 
 _DIR = "checkpoints"
 

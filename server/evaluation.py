@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from fedlora.aggregation import AdapterSpec, GlobalState, Method
 from fedlora.task.adapters import export_peft, merge_deltas
 from fedlora.task.data import TokenizedData, data_for

@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedlora.aggregation import ClientUpdate, GlobalState, Method
-from fedlora.protos import Envelope, Expectation, UpdateRejected, decode, encode, payload_bytes
-from fedlora.task import messages as msgs
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+
+from fedlora.aggregation import ClientUpdate, GlobalState, Method
+from fedlora.protos import Envelope, Expectation, UpdateRejected, decode, encode, payload_bytes
+from fedlora.task import messages as msgs
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .evaluation import CentralEvaluator

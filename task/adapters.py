@@ -14,8 +14,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from fedlora.aggregation import ClientStart, Factors
 from torch import nn
+
+from fedlora.aggregation import ClientStart, Factors
 
 ROLES = ("A", "B", "R")
 
