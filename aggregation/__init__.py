@@ -1,7 +1,7 @@
 """LoRA-aware federated aggregation: pure torch math, one file per method.
 
 Tensors in, tensors out: no Flower, no I/O, nothing else of fedlora. See each method's
-module docstring for its exact math, and docs/METHODS.md for an overview.
+module docstring for its exact math, and the Methods section of README.md for an overview.
 """
 
 from .base import (

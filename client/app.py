@@ -59,13 +59,13 @@ class _Node:
         self.max_epsilon = node_cfg.get("max-epsilon")
         self.ledger_dir = node_cfg.get("ledger-dir") or config.get("ledger-dir")
         strategy = cfg["strategy"]
-        if "lora-rank" in node_cfg:
+        if strategy["name"] != "flora":
+            self.rank = int(strategy["rank"])  # one shared rank: the server expects it
+        elif "lora-rank" in node_cfg:  # FLoRA: the node's own rank (its memory budget)
             self.rank = int(node_cfg["lora-rank"])
-        elif strategy["name"] == "flora":
+        else:
             ranks = list(strategy["ranks"])
             self.rank = int(ranks[self.partition % len(ranks)])
-        else:
-            self.rank = int(strategy["rank"])
         self.own_data = "data-path" in node_cfg
         if self.own_data:
             # A deployed node with its own data: all of it is this node's partition.
@@ -170,8 +170,19 @@ def _privacy_metrics(dp, epsilon: float | None) -> dict[str, float]:
         "epsilon": float(ledger.epsilon_spent if epsilon is None else epsilon),
         "delta": ledger.delta, "noise-multiplier": settings.noise_multiplier,
         "max-grad-norm": settings.max_grad_norm, "sample-rate": settings.sample_rate,
-        "steps": float(sum(s for _, _, s in ledger.history)), "epsilon-budget": budget,
+        "steps": float(ledger.steps), "epsilon-budget": budget,
     }
+
+
+def _envelope_privacy(dp, epsilon: float | None) -> dict[str, float | int | str] | None:
+    """The privacy spent, as the envelope's typed privacy message carries it."""
+    if dp is None:
+        return None
+    settings, ledger, _ = dp
+    return {"epsilon": float(ledger.epsilon_spent if epsilon is None else epsilon),
+            "delta": ledger.delta, "noise_multiplier": settings.noise_multiplier,
+            "max_grad_norm": settings.max_grad_norm, "sample_rate": settings.sample_rate,
+            "steps": int(ledger.steps), "accountant": ledger.mechanism}
 
 
 def _reply(msg: Message, envelope: bytes | None, metrics: dict[str, float],
@@ -242,7 +253,7 @@ def train(msg: Message, context: Context) -> Message:
         factors=runtime.host.factors(runtime.method.uplink_roles),
         head=runtime.host.head_state(), num_examples=len(dataset), scaling=start.scaling,
         rank=start.rank, fingerprint=runtime.fingerprint, node=node.name,
-        privacy=_privacy_metrics(dp, result.epsilon) or None,
+        privacy=_envelope_privacy(dp, result.epsilon),
     )
     data = encode(envelope, cfg["wire_dtype"])
     fault = (cfg.get("faults") or {}).get(str(node.partition))

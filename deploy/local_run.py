@@ -3,7 +3,8 @@
 The run config is validated and written to RUN_DIR/config.yaml exactly as for
 ``fedlora simulate``; the ServerApp reads it (run config ``config-path``), clients get
 their part with every message. Each SuperNode has its own key, partition, privacy ledger
-directory (RUN_DIR/deploy/nodes/partition-K/privacy, on the node side) and port. The run
+directory (LEDGER_ROOT/partition-K/privacy, on the node side; LEDGER_ROOT defaults to
+RUN_DIR/deploy/nodes) and port. The run
 directory ends up with the same files as a simulation.
 """
 
@@ -51,8 +52,8 @@ def write_app(directory: Path) -> Path:
     return directory
 
 
-def node_ledger_dir(run_dir: Path, partition: int) -> Path:
-    return run_dir / "deploy" / "nodes" / f"partition-{partition}" / "privacy"
+def node_ledger_dir(root: Path, partition: int) -> Path:
+    return root / f"partition-{partition}" / "privacy"
 
 
 def _compose(overrides: list[str]) -> tuple[dict[str, Any], Path]:
@@ -81,8 +82,10 @@ def run_deployment(job: dict[str, Any], *, resume: bool = False, timeout_s: floa
     run_dir = Path(job["run_dir"]).resolve()
     deployment = job["deployment"]
     nodes = int(deployment["nodes"])
+    ledger_root = Path(deployment.get("ledger_root") or run_dir / "deploy" / "nodes")
     node_configs = [{"partition-id": k, "num-partitions": nodes,
-                     "ledger-dir": str(node_ledger_dir(run_dir, k))} for k in range(nodes)]
+                     "ledger-dir": str(node_ledger_dir(ledger_root.resolve(), k))}
+                    for k in range(nodes)]
     app_dir = write_app(run_dir / "deploy" / "app-source")
     try:
         code = run_local_federation(
@@ -111,6 +114,9 @@ def deploy_local(argv: list[str]) -> int:
     parser.add_argument("--insecure", action="store_true",
                         help="no TLS and no node authentication (debugging only)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds for the whole run")
+    parser.add_argument("--ledger-root", type=Path, default=None,
+                        help="node-side privacy ledgers live in LEDGER_ROOT/partition-K/privacy "
+                             "(default RUN_DIR/deploy/nodes); reuse it to continue a federation")
     args, overrides = parser.parse_known_args(argv)
     if args.nodes < 1:
         parser.error("--nodes must be >= 1")
@@ -126,7 +132,8 @@ def deploy_local(argv: list[str]) -> int:
         print(f"fedlora: {exc}", file=sys.stderr)
         return 2
     job["ledger_dir"] = None  # ledgers live on the nodes (node config ledger-dir)
-    job["deployment"] = {"nodes": args.nodes, "insecure": args.insecure}
+    job["deployment"] = {"nodes": args.nodes, "insecure": args.insecure,
+                         "ledger_root": str(args.ledger_root.resolve()) if args.ledger_root else None}
     write_config(job, Path(job["run_dir"]) / "config.yaml")
     return run_deployment(job, timeout_s=args.timeout)
 

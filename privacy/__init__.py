@@ -18,7 +18,7 @@ from .accounting import (
 )
 from .dpsgd import GRAD_SAMPLE_MODES, DPSettings, RoundStats, run_private_round
 from .gradient import run_private_gradient_estimate
-from .ledger import BudgetExhausted, LedgerError, PrivacyLedger, ledger_filename
+from .ledger import BudgetExhausted, LedgerError, PrivacyLedger, ledger_filename, read_ledgers
 from .report import format_privacy_table
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "epsilon_for_history",
     "format_privacy_table",
     "ledger_filename",
+    "read_ledgers",
     "run_private_gradient_estimate",
     "run_private_round",
     "validate_delta",

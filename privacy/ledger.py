@@ -173,6 +173,14 @@ class PrivacyLedger:
             return stored
 
     @classmethod
+    def load(cls, path: str | Path) -> PrivacyLedger:
+        """Read an existing ledger file (read-only use: reports, audits)."""
+        ledger = cls._load(Path(path))
+        if ledger is None:
+            raise LedgerError(f"no privacy ledger at {path}")
+        return ledger
+
+    @classmethod
     def _load(cls, path: Path) -> PrivacyLedger | None:
         try:
             raw = path.read_bytes()
@@ -398,3 +406,10 @@ class PrivacyLedger:
         return (f"PrivacyLedger(federation={self.federation!r}, node={self.node!r}, "
                 f"mechanism={self.mechanism!r}, delta={self.delta}, "
                 f"target_epsilon={self.target_epsilon}, steps={self.steps})")
+
+
+def read_ledgers(directory: str | Path) -> list[dict[str, Any]]:
+    """Report rows (epsilon by replay) of every ledger in a directory, by node name."""
+    paths = sorted(Path(directory).glob("*.privacy.json"))
+    rows = [PrivacyLedger.load(path).report_row() for path in paths]
+    return sorted(rows, key=lambda row: str(row["node"]))

@@ -35,6 +35,7 @@ def load_job_config(path: str | Path | None) -> dict[str, Any]:
 
         with initialize_config_module(config_module="fedlora.conf", version_base=None):
             cfg = OmegaConf.to_container(compose(config_name="config"), resolve=True)
+    if not cfg.get("run_dir"):
         cfg["run_dir"] = str(Path("runs") / time.strftime("%Y-%m-%d_%H-%M-%S"))
     from fedlora.task.config import validate
 

