@@ -257,8 +257,9 @@ def train(msg: Message, context: Context) -> Message:
     )
     data = encode(envelope, cfg["wire_dtype"])
     fault = (cfg.get("faults") or {}).get(str(node.partition))
-    if fault:
-        data = corrupt(data, envelope, fault, cfg["wire_dtype"])
+    if fault is not None:
+        # str(): Hydra reads the kinds nan and inf as floats.
+        data = corrupt(data, envelope, str(fault), cfg["wire_dtype"])
     metrics = dict(base, **{"train-loss": result.train_loss, "train-seconds": result.seconds,
                             "bytes-up": float(len(data))}, **_privacy_metrics(dp, result.epsilon))
     if cache is not None:

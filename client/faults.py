@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 
 import torch
 
@@ -17,8 +18,10 @@ from fedlora.protos import Envelope, encode, to_message
 FAULTS = (
     "nan", "inf", "wrong_shape", "wrong_rank", "unknown_module", "wrong_role", "wrong_method",
     "stale_round", "unsupported_dtype", "truncated", "oversized", "norm", "duplicate_module",
-    "schema_version", "crash",
+    "schema_version", "crash", "slow",
 )
+# How long a "slow" client (a straggler) sleeps before replying.
+SLOW_SECONDS = 30.0
 _UNKNOWN_WIRE_DTYPE = 99
 
 
@@ -62,6 +65,9 @@ def corrupt(data: bytes, envelope: Envelope, fault: str, wire_dtype: str) -> byt
         raise ValueError(f"unknown fault {fault!r}; known: {', '.join(FAULTS)}")
     if fault == "crash":
         raise RuntimeError("fault injection: the client crashed mid-round")
+    if fault == "slow":  # a straggler: a valid update, too late for a short round timeout
+        time.sleep(SLOW_SECONDS)
+        return data
     if fault == "truncated":
         return data[: len(data) // 2]
     changed = {

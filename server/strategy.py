@@ -93,6 +93,8 @@ class FedLoraStrategy(Strategy):
         self.contacted: set[int] = set()  # partitions holding Fed-SB's fixed B, A
         self.metrics = MetricsLog(self.run_dir)
         self.timeout = float(self.fed["round_timeout_s"])
+        # Nodes start (and import torch) before they first answer: never a short wait.
+        self.connect_timeout = max(self.timeout, 300.0)
         self.max_norm = self.fed.get("max_update_norm")
         self._sent_bytes: dict[int, int] = {}
         self._sent_payload: dict[int, int] = {}
@@ -223,16 +225,17 @@ class FedLoraStrategy(Strategy):
     def discover(self, grid: Grid) -> None:
         """Wait for the federation's nodes and learn each one's partition, size and rank."""
         wanted = int(self.fed["num_clients"])
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + self.connect_timeout
         while len(node_ids := list(grid.get_node_ids())) < wanted:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"only {len(node_ids)} of {wanted} nodes connected "
-                                   f"within {self.timeout:g} s")
+                                   f"within {self.connect_timeout:g} s")
             time.sleep(0.5)
         config = msgs.config_record(self._job(), phase=msgs.PHASE_DESCRIBE)
         messages = [Message(RecordDict({msgs.CONFIG: config}), node_id, MessageType.TRAIN)
                     for node_id in node_ids]
-        replies, missing = self.exchange(grid, messages, 0, label="connecting")
+        replies, missing = self.exchange(grid, messages, 0, label="connecting",
+                                         timeout=self.connect_timeout)
         for reply in replies:
             if reply.has_error():
                 raise RuntimeError(f"node {reply.metadata.src_node_id} failed to start: "
@@ -248,8 +251,10 @@ class FedLoraStrategy(Strategy):
             raise RuntimeError(f"two nodes claim the same partition: {partitions}")
 
     def exchange(self, grid: Grid, messages: list[Message], server_round: int,
-                 label: str | None = None) -> tuple[list[Message], list[int]]:
+                 label: str | None = None, timeout: float | None = None
+                 ) -> tuple[list[Message], list[int]]:
         """Push, then pull replies until all arrive or the round timeout passes."""
+        timeout = self.timeout if timeout is None else timeout
         expected = len(messages)
         if not expected:
             return [], []
@@ -262,7 +267,7 @@ class FedLoraStrategy(Strategy):
                 dst[message_id] = dst_node
         pending = set(ids)
         replies: list[Message] = []
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + timeout
         while pending and time.monotonic() < deadline:
             for reply in grid.pull_messages(list(pending)):
                 pending.discard(reply.metadata.reply_to_message_id)
@@ -272,7 +277,7 @@ class FedLoraStrategy(Strategy):
                 time.sleep(0.1)
         if pending:
             _log.warning("%s: %d of %d replies missing after %g s; late replies are discarded",
-                         label or f"round {server_round}", len(pending), expected, self.timeout)
+                         label or f"round {server_round}", len(pending), expected, timeout)
         return replies, [dst[i] for i in pending]
 
     def collect(self, server_round: int, replies: Iterable[Message]) -> RoundOutcome:
@@ -402,7 +407,8 @@ class FedLoraStrategy(Strategy):
         messages = [Message(RecordDict({msgs.ENVELOPE: msgs.envelope_record(empty),
                                         msgs.CONFIG: config}), n.node_id, MessageType.TRAIN)
                     for n in nodes]
-        replies, _ = self.exchange(grid, messages, 0, label="Fed-SB init")
+        replies, _ = self.exchange(grid, messages, 0, label="Fed-SB init",
+                                   timeout=self.connect_timeout)
         updates, total = [], 0
         for reply in sorted(replies, key=lambda r: self._partition(r.metadata.src_node_id)):
             if reply.has_error():
