@@ -26,19 +26,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import psutil
 
+from fedlora.client.faults import EXPECTED_REJECTION
+
 ROOT = Path(__file__).resolve().parents[1]
-KINDS = {
-    "nan": "non_finite", "inf": "non_finite", "wrong_shape": "wrong_shape",
-    "wrong_rank": "wrong_rank", "unknown_module": "unknown_module", "wrong_role": "wrong_role",
-    "wrong_method": "wrong_method", "stale_round": "stale_round",
-    "unsupported_dtype": "unsupported_dtype", "truncated": "truncated",
-    "oversized": "oversized", "norm": "norm_bound", "duplicate_module": "duplicate_module",
-    "schema_version": "schema_version",
-}
 TINY = ["model=tiny_bert", "data=synthetic", "privacy=dp", "privacy.epsilon=8"]
 
 
@@ -86,7 +81,7 @@ def summarize(name: str, code: int, run_dir: Path, expect_lost: int, detail: str
 
 
 def malformed(work: Path) -> list[dict]:
-    kinds = list(KINDS)
+    kinds = list(EXPECTED_REJECTION)
     clients = len(kinds) + 2
     faults = ",".join(f"{k}:{kind}" for k, kind in enumerate(kinds))
     run = work / "malformed"
@@ -99,7 +94,7 @@ def malformed(work: Path) -> list[dict]:
     for k, kind in enumerate(kinds):
         reasons = [r["reason"] for row in rows for r in row["rejected"]
                    if r["node"] == f"partition-{k}"]
-        ok = len(reasons) == len(rows) and all(x.startswith(KINDS[kind]) for x in reasons)
+        ok = len(reasons) == len(rows) and all(x.startswith(EXPECTED_REJECTION[kind]) for x in reasons)
         entry = summarize(kind, code, run, len(rows), reasons[0][:60] if reasons else "-")
         entry["updates_lost"] = len(reasons)
         entry["survived"] = entry["survived"] and ok
@@ -130,24 +125,22 @@ def crash_slow_and_minimum(work: Path) -> list[dict]:
 
 def kill_and_resume(work: Path) -> dict:
     run = work / "killed"
-    since = time.time()
+    token = uuid.uuid4().hex  # marks every process of this run, Ray's included
     cmd = [sys.executable, "-m", "fedlora.deploy.cli", "simulate", *TINY, "strategy=ffa",
            "federation.rounds=4", "federation.num_clients=3", "federation.clients_per_round=3",
            f"hydra.run.dir={run}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env=dict(os.environ, FEDLORA_BENCH_RUN=token))
     checkpoint = run / "checkpoints" / "round-000002"
     while not checkpoint.is_dir() and proc.poll() is None:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    for p in psutil.process_iter(["cmdline", "create_time"]):
+    for p in psutil.process_iter():
         try:
-            text = " ".join(p.info["cmdline"] or [])
-            if p.info["create_time"] >= since and ("ray::" in text or "raylet" in text
-                                                   or "gcs_server" in text):
+            if p.environ().get("FEDLORA_BENCH_RUN") == token:
                 p.kill()
-        except psutil.NoSuchProcess:
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             pass
     code = cli(["resume", str(run)], run, check=True)
     entry = summarize("server SIGKILL after round 2, resume", code, run, 0,

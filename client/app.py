@@ -109,14 +109,16 @@ def _private_seed(ledger: PrivacyLedger, round_: int) -> int:
 class _ReplayCache:
     """The update a DP client already released for a round, kept beside its ledger.
 
-    After a server crash the resumed round arrives again with the same downlink; sending
-    the same bytes again reveals nothing new and spends no budget, so the ledger never
-    counts a round twice. A different downlink (or no cached file) means training anew,
-    which is recorded anew.
+    After a server crash the resumed round arrives again with the same downlink and job;
+    sending the same bytes again reveals nothing new and spends no budget, so the ledger
+    never counts a round twice. A different downlink or job (or no cached file) means
+    training anew, which is recorded anew.
     """
 
-    def __init__(self, ledger: PrivacyLedger, round_: int, downlink: bytes):
-        digest = hashlib.sha256(downlink).hexdigest()[:16]
+    def __init__(self, ledger: PrivacyLedger, round_: int, downlink: bytes, job: dict[str, Any]):
+        # Same downlink and same job (seeds, learning rate, ...) = the same training.
+        digest = hashlib.sha256(downlink + json.dumps(job, sort_keys=True).encode())
+        digest = digest.hexdigest()[:16]
         self.path = ledger.path.with_suffix(f".round-{round_}.{digest}.update")
         self.meta = self.path.with_suffix(".json")
 
@@ -221,7 +223,7 @@ def train(msg: Message, context: Context) -> Message:
         ledger = dp[1]
         torch.manual_seed(_private_seed(ledger, round_))
         generator = torch.Generator().manual_seed(_private_seed(ledger, round_) + 1)
-        cache = _ReplayCache(ledger, round_, downlink_bytes)
+        cache = _ReplayCache(ledger, round_, downlink_bytes, cfg)
         cached = cache.load() if ledger.has_round(round_) else None
         if cached is not None:
             _log.info("%s: round %d already trained; re-sending the same update", node.name,

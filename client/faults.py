@@ -20,6 +20,15 @@ FAULTS = (
     "stale_round", "unsupported_dtype", "truncated", "oversized", "norm", "duplicate_module",
     "schema_version", "crash", "slow",
 )
+# The reason (fedlora.protos.RejectReason value) the server must give for each malformed kind.
+EXPECTED_REJECTION = {
+    "nan": "non_finite", "inf": "non_finite", "wrong_shape": "wrong_shape",
+    "wrong_rank": "wrong_rank", "unknown_module": "unknown_module", "wrong_role": "wrong_role",
+    "wrong_method": "wrong_method", "stale_round": "stale_round",
+    "unsupported_dtype": "unsupported_dtype", "truncated": "truncated",
+    "oversized": "oversized", "norm": "norm_bound", "duplicate_module": "duplicate_module",
+    "schema_version": "schema_version",
+}
 # How long a "slow" client (a straggler) sleeps before replying.
 SLOW_SECONDS = 30.0
 _UNKNOWN_WIRE_DTYPE = 99

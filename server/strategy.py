@@ -112,9 +112,9 @@ class FedLoraStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         outcome = self.collect(server_round, replies)
-        if len(outcome.updates) < int(self.fed["min_clients"]):
+        skipped, _ = self._aggregate(server_round, outcome)
+        if skipped:
             return None, None
-        self.state = self.method.aggregate(self.state, outcome.updates)
         return ArrayRecord(), MetricRecord({"num-updates": len(outcome.updates)})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -169,7 +169,6 @@ class FedLoraStrategy(Strategy):
 
     def round(self, grid: Grid, server_round: int) -> dict[str, Any]:
         started = time.perf_counter()
-        before = self.state
         messages = list(self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
         bytes_down = {m.metadata.dst_node_id: self._sent_bytes[m.metadata.dst_node_id]
                       for m in messages}
@@ -178,17 +177,7 @@ class FedLoraStrategy(Strategy):
         for node_id in missing:
             outcome.lost.append({"node": self._name(node_id), "reason": "no reply before the "
                                  f"round timeout ({self.timeout:g} s)"})
-        skipped = len(outcome.updates) < int(self.fed["min_clients"])
-        error = None
-        if skipped:
-            _log.warning("round %d skipped: %d valid updates, %d needed", server_round,
-                         len(outcome.updates), int(self.fed["min_clients"]))
-            self.state = GlobalState(server_round, before.factors, before.head, before.meta)
-        else:
-            self.state = self.method.aggregate(before, outcome.updates)
-            errors = self.method.aggregation_error(before, outcome.updates, self.state)
-            if errors is not None:
-                error = float(sum(e * e for e in errors.values()) ** 0.5)
+        skipped, error = self._aggregate(server_round, outcome)
         for client in outcome.clients:
             client["bytes_down"] = bytes_down.get(client.pop("_node_id"), 0)
         row: dict[str, Any] = {
@@ -215,6 +204,22 @@ class FedLoraStrategy(Strategy):
         return row
 
     # -- pieces -------------------------------------------------------------------------------
+    def _aggregate(self, server_round: int, outcome: RoundOutcome) -> tuple[bool, float | None]:
+        """Aggregate the valid updates, or skip the round below min_clients.
+
+        Returns (skipped, aggregation error): the error is the root-sum-square over modules
+        of ||sum_k p_k s B_k A_k - s B A||_F for inexact methods, None for exact ones.
+        """
+        before = self.state
+        if len(outcome.updates) < int(self.fed["min_clients"]):
+            _log.warning("round %d skipped: %d valid updates, %d needed", server_round,
+                         len(outcome.updates), int(self.fed["min_clients"]))
+            self.state = GlobalState(server_round, before.factors, before.head, before.meta)
+            return True, None
+        self.state = self.method.aggregate(before, outcome.updates)
+        errors = self.method.aggregation_error(before, outcome.updates, self.state)
+        return False, None if errors is None else float(sum(e * e for e in errors.values()) ** 0.5)
+
     def sample(self, server_round: int) -> list[NodeInfo]:
         """Deterministic in (seed, round): a resumed run samples the same partitions."""
         ordered = sorted(self.nodes.values(), key=lambda n: n.partition)

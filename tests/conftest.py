@@ -1,4 +1,9 @@
-"""Shared test helpers: run the real `fedlora` CLI and check nothing is left running."""
+"""Shared test helpers: run the real `fedlora` CLI and check nothing is left running.
+
+Every process a test starts carries a unique FEDLORA_TEST_RUN token in its environment
+(Ray's and Flower's processes inherit it), so "nothing left running" is checked exactly
+for what that test started, even while other federations run on the machine.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +11,68 @@ import json
 import os
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import psutil
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FLOWER_NAMES = ("flower-superlink", "flower-supernode", "flwr-serverapp", "flwr-clientapp",
-                "raylet", "gcs_server", "ray::")
+TOKEN_VAR = "FEDLORA_TEST_RUN"
 
 
 def fedlora_cmd() -> list[str]:
     return [sys.executable, "-m", "fedlora.deploy.cli"]
 
 
-def run_fedlora(args: list[str], *, timeout: float = 600, cwd: Path | None = None,
-                check: bool = True) -> subprocess.CompletedProcess:
-    """Run `fedlora ARGS` in a subprocess; on failure show its output."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run(fedlora_cmd() + args, cwd=cwd or ROOT, env=env, timeout=timeout,
-                          capture_output=True, text=True)
+def test_env(token: str) -> dict[str, str]:
+    return dict(os.environ, PYTHONUNBUFFERED="1", **{TOKEN_VAR: token})
+
+
+def new_token() -> str:
+    return uuid.uuid4().hex
+
+
+def processes_with(token: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get(TOKEN_VAR) == token:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def assert_nothing_left(token: str, grace_s: float = 15.0) -> None:
+    """Every process started under ``token`` has exited (within a grace period)."""
+    deadline = time.time() + grace_s
+    while (left := processes_with(token)) and time.time() < deadline:
+        time.sleep(0.5)
+    if left:
+        names = [f"{p.pid}: {' '.join(p.cmdline())[:100]}" for p in left]
+        for proc in left:
+            proc.kill()
+        raise AssertionError(f"processes left running: {names}")
+
+
+def kill_all(token: str) -> None:
+    for proc in processes_with(token):
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def run_fedlora(args: list[str], *, timeout: float = 900, check: bool = True
+                ) -> subprocess.CompletedProcess:
+    """Run `fedlora ARGS`; on failure show its output; then check nothing is left."""
+    token = new_token()
+    try:
+        proc = subprocess.run(fedlora_cmd() + args, cwd=ROOT, env=test_env(token),
+                              timeout=timeout, capture_output=True, text=True)
+    finally:
+        assert_nothing_left(token)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"fedlora {' '.join(args)} exited {proc.returncode}\n--- stdout\n"
@@ -34,34 +81,6 @@ def run_fedlora(args: list[str], *, timeout: float = 600, cwd: Path | None = Non
     return proc
 
 
-def stray_processes(since: float) -> list[str]:
-    """Flower/Ray processes started after `since` that are still alive."""
-    found = []
-    for proc in psutil.process_iter(["name", "cmdline", "create_time"]):
-        try:
-            if proc.info["create_time"] < since:
-                continue
-            text = " ".join(proc.info["cmdline"] or []) or (proc.info["name"] or "")
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        if any(name in text for name in FLOWER_NAMES):
-            found.append(f"{proc.pid}: {text[:120]}")
-    return found
-
-
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
             if line.strip()]
-
-
-@pytest.fixture
-def no_strays():
-    """Fails the test if it leaves Flower or Ray processes behind."""
-    import time
-
-    since = time.time() - 1
-    yield
-    deadline = time.time() + 10
-    while (left := stray_processes(since)) and time.time() < deadline:
-        time.sleep(0.5)
-    assert not left, f"processes left running: {left}"

@@ -16,12 +16,21 @@ import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
+from fedlora.client.faults import EXPECTED_REJECTION
 from fedlora.privacy import epsilon_for_history
 
-from .conftest import ROOT, fedlora_cmd, read_metrics, run_fedlora, stray_processes
+from .conftest import (
+    ROOT,
+    assert_nothing_left,
+    fedlora_cmd,
+    kill_all,
+    new_token,
+    read_metrics,
+    run_fedlora,
+    test_env,
+)
 
 pytestmark = pytest.mark.integration
 BASE = ["model=tiny_bert", "data=synthetic", "strategy=ffa", "strategy.lr=0.02",
@@ -30,10 +39,10 @@ BASE = ["model=tiny_bert", "data=synthetic", "strategy=ffa", "strategy.lr=0.02",
 
 def _kill_after_checkpoint(run_dir: Path, args: list[str], round_: int) -> None:
     """Start `fedlora simulate`, SIGKILL its process group once round_'s checkpoint exists."""
-    since = time.time()
+    token = new_token()
     proc = subprocess.Popen(fedlora_cmd() + ["simulate", *args, f"hydra.run.dir={run_dir}"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            cwd=ROOT, env=test_env(token), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     checkpoint = run_dir / "checkpoints" / f"round-{round_:06d}"
     try:
         deadline = time.time() + 400
@@ -45,11 +54,8 @@ def _kill_after_checkpoint(run_dir: Path, args: list[str], round_: int) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         # Ray's processes live in their own sessions: stop whatever this run left.
-        for line in stray_processes(since):
-            try:
-                psutil.Process(int(line.split(":")[0])).kill()
-            except psutil.NoSuchProcess:
-                pass
+        kill_all(token)
+        assert_nothing_left(token)
     assert not (run_dir / "checkpoints" / f"round-{round_ + 2:06d}").exists()
 
 
@@ -57,7 +63,7 @@ def _final(run_dir: Path) -> tuple[list[dict], dict]:
     return read_metrics(run_dir), json.loads((run_dir / "summary.json").read_text())
 
 
-def test_resume_after_sigkill_is_bit_exact_without_dp(tmp_path, no_strays):
+def test_resume_after_sigkill_is_bit_exact_without_dp(tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     run_fedlora(["simulate", *BASE, f"hydra.run.dir={whole}"])
     _kill_after_checkpoint(killed, BASE, 2)
@@ -72,7 +78,7 @@ def test_resume_after_sigkill_is_bit_exact_without_dp(tmp_path, no_strays):
     assert summary_b["final_accuracy"] == summary_a["final_accuracy"]
 
 
-def test_resume_with_dp_counts_every_round_once(tmp_path, no_strays):
+def test_resume_with_dp_counts_every_round_once(tmp_path):
     killed = tmp_path / "dp"
     args = [*BASE, "privacy=dp", "privacy.epsilon=4"]
     _kill_after_checkpoint(killed, args, 2)
@@ -96,18 +102,10 @@ def test_resume_with_dp_counts_every_round_once(tmp_path, no_strays):
     assert summary["epsilon_per_client"] == pytest.approx(last, rel=1e-9)
 
 
-FAULT_REASONS = {
-    "nan": "non_finite", "inf": "non_finite", "wrong_shape": "wrong_shape",
-    "wrong_rank": "wrong_rank", "unknown_module": "unknown_module", "wrong_role": "wrong_role",
-    "wrong_method": "wrong_method", "stale_round": "stale_round",
-    "unsupported_dtype": "unsupported_dtype", "truncated": "truncated",
-    "oversized": "oversized", "norm": "norm_bound", "duplicate_module": "duplicate_module",
-    "schema_version": "schema_version",
-}
 
 
-def test_malformed_updates_are_rejected_with_their_reason(tmp_path, no_strays):
-    kinds = list(FAULT_REASONS) + ["crash"]
+def test_malformed_updates_are_rejected_with_their_reason(tmp_path):
+    kinds = list(EXPECTED_REJECTION) + ["crash"]
     clients = len(kinds) + 2
     faults = ",".join(f"{k}:{kind}" for k, kind in enumerate(kinds))
     run = tmp_path / "faults"
@@ -118,11 +116,11 @@ def test_malformed_updates_are_rejected_with_their_reason(tmp_path, no_strays):
                  f"hydra.run.dir={run}"])
     for row in read_metrics(run):
         rejected = {r["node"]: r["reason"] for r in row["rejected"]}
-        for k, kind in enumerate(FAULT_REASONS):
-            assert rejected[f"partition-{k}"].startswith(FAULT_REASONS[kind]), (kind, rejected)
-        assert len(rejected) == len(FAULT_REASONS)
+        for k, kind in enumerate(EXPECTED_REJECTION):
+            assert rejected[f"partition-{k}"].startswith(EXPECTED_REJECTION[kind]), (kind, rejected)
+        assert len(rejected) == len(EXPECTED_REJECTION)
         lost = {r["node"]: r["reason"] for r in row["lost"]}
-        assert list(lost) == [f"partition-{len(FAULT_REASONS)}"]  # the crashed client
+        assert list(lost) == [f"partition-{len(EXPECTED_REJECTION)}"]  # the crashed client
         # The two healthy clients were aggregated.
         assert sorted(c["node"] for c in row["clients"]) == [
             f"partition-{clients - 2}", f"partition-{clients - 1}"]
