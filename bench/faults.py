@@ -7,7 +7,8 @@ Scenarios (tiny_bert, synthetic data, DP on so the privacy ledgers can be checke
   - a straggler slower than the round timeout (its late reply is discarded);
   - fewer valid updates than min_clients (the round is skipped, the run goes on);
   - the server process tree SIGKILLed right after round 2's checkpoint, then
-    `fedlora resume`.
+    `fedlora resume`;
+  - in a real deployment (`fedlora deploy local`), a SuperNode SIGKILLed after round 1.
 
 Columns: survived (the run finished, exit 0), rounds lost (rounds without aggregation),
 updates lost (updates not aggregated), ledger intact (every ledger parses, its epsilon is
@@ -55,9 +56,13 @@ def rows_of(run_dir: Path) -> list[dict]:
 
 
 def ledgers_intact(run_dir: Path) -> bool:
+    return ledgers_intact_in(run_dir / "privacy")
+
+
+def ledgers_intact_in(directory: Path) -> bool:
     from fedlora.privacy import PrivacyLedger, epsilon_for_history
 
-    paths = sorted((run_dir / "privacy").glob("*.privacy.json"))
+    paths = sorted(directory.rglob("*.privacy.json"))
     if not paths:
         return False
     for path in paths:
@@ -149,6 +154,40 @@ def kill_and_resume(work: Path) -> dict:
     return entry
 
 
+def supernode_killed(work: Path) -> dict:
+    """Deployment: one SuperNode SIGKILLed after round 1; the others carry the run."""
+    run = work / "node-loss"
+    token = uuid.uuid4().hex
+    cmd = [sys.executable, "-m", "fedlora.deploy.cli", "deploy", "local", "--nodes", "3",
+           *TINY, "strategy=ffa", "federation.rounds=3", "federation.min_clients=2",
+           "federation.round_timeout_s=40", f"hydra.run.dir={run}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, FEDLORA_BENCH_RUN=token))
+    victim = None
+    while proc.poll() is None and victim is None:
+        if len(rows_of(run)) >= 1:
+            for p in psutil.process_iter():
+                try:
+                    if (p.environ().get("FEDLORA_BENCH_RUN") == token
+                            and "flower-supernode" in " ".join(p.cmdline())
+                            and "partition-id=2" in " ".join(p.cmdline())):
+                        victim = p
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    continue
+            if victim is not None:
+                victim.kill()
+        time.sleep(0.2)
+    code = proc.wait()
+    rows = rows_of(run)
+    later = rows[1:]
+    entry = summarize("SuperNode SIGKILLed mid-run (deployment)", code, run, 2,
+                      "later rounds aggregate the 2 live nodes")
+    entry["ledger_intact"] = ledgers_intact_in(run / "deploy" / "nodes")
+    entry["survived"] = (entry["survived"] and victim is not None and len(rows) == 3
+                         and all(len(r["clients"]) == 2 and not r["skipped"] for r in later))
+    return entry
+
+
 def markdown(results: list[dict]) -> str:
     lines = ["| fault | survived | rounds lost | updates lost | privacy ledger intact | detail |",
              "|---|---|---|---|---|---|"]
@@ -168,7 +207,8 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fedlora-faults-") as tmp:
         work = Path(tmp)
-        results = malformed(work) + crash_slow_and_minimum(work) + [kill_and_resume(work)]
+        results = (malformed(work) + crash_slow_and_minimum(work) + [kill_and_resume(work)]
+                   + [supernode_killed(work)])
     if args.json:
         print(json.dumps(results, indent=1))
     else:

@@ -211,11 +211,9 @@ def train(msg: Message, context: Context) -> Message:
     round_ = int(config["server-round"])
     torch.manual_seed(_seed(cfg, round_, node.partition))
     generator = torch.Generator().manual_seed(_seed(cfg, round_, node.partition) + 1)
-    init_steps = int(cfg["strategy"].get("init_batches", 0)) if "R" in runtime.method.client_trains else 0
-    try:
-        dp = _privacy(runtime, node, len(dataset), init_steps)
-    except BudgetExhausted as exc:  # raised by an already exhausted ledger
-        return _reply(msg, None, dict(base, refused=1.0), {"reason": f"budget exhausted: {exc}"})
+    fedsb = "R" in runtime.method.client_trains
+    init_steps = int(cfg["strategy"].get("init_batches", 0)) if fedsb else 0
+    dp = _privacy(runtime, node, len(dataset), init_steps)
     downlink_bytes = msgs.envelope_bytes(msg.content)
     downlink = decode(downlink_bytes)
     cache = None
@@ -230,7 +228,11 @@ def train(msg: Message, context: Context) -> Message:
                       round_)
             return _reply(msg, cached[0], cached[1])
     if phase == msgs.PHASE_INIT:
-        return _init_round(msg, runtime, node, dataset, dp, round_, generator, base)
+        try:
+            return _init_round(msg, runtime, node, dataset, dp, round_, generator, base)
+        except BudgetExhausted as exc:
+            return _reply(msg, None, dict(base, refused=1.0),
+                          {"reason": f"budget exhausted: {exc}"})
 
     factors = dict(downlink.factors)
     if "R" in runtime.method.client_trains:
@@ -286,8 +288,6 @@ def _fixed_factors(context: Context, factors):
 
 def _init_round(msg, runtime, node, dataset, dp, round_, generator, base) -> Message:
     """Fed-SB's LoRA-SB init: a (DP) gradient estimate of every target weight."""
-    from fedlora.privacy import DPSettings
-
     strategy = runtime.cfg["strategy"]
     steps = int(strategy["init_batches"])
     if dp is None:
@@ -299,7 +299,6 @@ def _init_round(msg, runtime, node, dataset, dp, round_, generator, base) -> Mes
         settings = DPSettings(**{**settings.__dict__, "steps": steps})
         ledger.check_budget(settings.noise_multiplier, settings.sample_rate, steps)
     model = runtime.host.base.train()
-    runtime.host.load_head({})
     grads = gradient_estimate(model, runtime.host.linears, dataset, strategy, runtime.task,
                               runtime.device, generator, settings, ledger, round_)
     envelope = Envelope(method=runtime.method.name, round=round_, direction="up",
