@@ -25,7 +25,7 @@ def fedlora_cmd() -> list[str]:
     return [sys.executable, "-m", "fedlora.deploy.cli"]
 
 
-def test_env(token: str) -> dict[str, str]:
+def marked_env(token: str) -> dict[str, str]:
     return dict(os.environ, PYTHONUNBUFFERED="1", **{TOKEN_VAR: token})
 
 
@@ -69,7 +69,7 @@ def run_fedlora(args: list[str], *, timeout: float = 900, check: bool = True
     """Run `fedlora ARGS`; on failure show its output; then check nothing is left."""
     token = new_token()
     try:
-        proc = subprocess.run(fedlora_cmd() + args, cwd=ROOT, env=test_env(token),
+        proc = subprocess.run(fedlora_cmd() + args, cwd=ROOT, env=marked_env(token),
                               timeout=timeout, capture_output=True, text=True)
     finally:
         assert_nothing_left(token)

@@ -26,10 +26,10 @@ from .conftest import (
     assert_nothing_left,
     fedlora_cmd,
     kill_all,
+    marked_env,
     new_token,
     read_metrics,
     run_fedlora,
-    test_env,
 )
 
 pytestmark = pytest.mark.integration
@@ -41,7 +41,7 @@ def _kill_after_checkpoint(run_dir: Path, args: list[str], round_: int) -> None:
     """Start `fedlora simulate`, SIGKILL its process group once round_'s checkpoint exists."""
     token = new_token()
     proc = subprocess.Popen(fedlora_cmd() + ["simulate", *args, f"hydra.run.dir={run_dir}"],
-                            cwd=ROOT, env=test_env(token), stdout=subprocess.DEVNULL,
+                            cwd=ROOT, env=marked_env(token), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     checkpoint = run_dir / "checkpoints" / f"round-{round_:06d}"
     try:
