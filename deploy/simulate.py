@@ -23,7 +23,7 @@ class RunFailed(RuntimeError):
 
 def prepare_run(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """Validate a resolved config (data checks included) and write RUN_DIR/config.yaml."""
-    from fedlora.task.config import validate, validate_data
+    from fedlora.task.config import ConfigError, validate, validate_data
     from fedlora.task.data import partition_sizes
 
     job = dict(cfg)
@@ -31,7 +31,10 @@ def prepare_run(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     job["run_dir"] = str(run_dir)
     job["ledger_dir"] = str(run_dir / "privacy")
     validate(job)
-    sizes = partition_sizes(job)
+    try:
+        sizes = partition_sizes(job)
+    except ValueError as exc:  # unreadable data or an impossible split: a config problem
+        raise ConfigError(f"invalid configuration:\n  - {exc}") from exc
     validate_data(job, sizes)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(job, run_dir / "config.yaml")

@@ -24,3 +24,13 @@ def test_unknown_command_and_bad_run_dir_fail_clearly(tmp_path):
     assert proc.returncode == 2 and "not a fedlora run directory" in proc.stderr
     proc = run_fedlora(["privacy", str(tmp_path)], check=False)
     assert proc.returncode == 1 and "no privacy ledger" in proc.stderr
+
+
+def test_impossible_data_split_is_a_config_error(tmp_path):
+    run = tmp_path / "split"
+    proc = run_fedlora(["simulate", "model=tiny_bert", "data=synthetic",
+                        "federation.num_clients=100", "federation.clients_per_round=100",
+                        f"hydra.run.dir={run}"], check=False)
+    assert proc.returncode == 2
+    assert "could not draw a Dirichlet(0.5) split" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (run / "metrics.jsonl").exists()
