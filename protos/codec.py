@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -51,7 +51,7 @@ _DTYPES: dict[str, tuple[int, torch.dtype, str]] = {
 _PB_DTYPE = {v[0]: k for k, v in _DTYPES.items()}
 
 
-class RejectReason(str, Enum):
+class RejectReason(StrEnum):
     WRONG_METHOD = "wrong_method"
     STALE_ROUND = "stale_round"
     FUTURE_ROUND = "future_round"

@@ -77,7 +77,7 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 def _now() -> dt.datetime:
     # Back-date by a few minutes so that small clock skew between hosts does not make a
     # fresh certificate "not yet valid".
-    return dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+    return dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
 
 
 def _make_ca(common_name: str, days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
