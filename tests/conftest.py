@@ -56,6 +56,26 @@ def assert_nothing_left(token: str, grace_s: float = 15.0) -> None:
         raise AssertionError(f"processes left running: {names}")
 
 
+def _flwr_home(proc: psutil.Process) -> str:
+    try:
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return ""
+        return proc.environ().get("FLWR_HOME", "")
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+        return ""
+
+
+def assert_none_under_flwr_home(work: Path, grace_s: float = 10.0) -> None:
+    """No process whose FLWR_HOME lies under ``work`` (a test's federation) is alive."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        left = [p.pid for p in psutil.process_iter() if _flwr_home(p).startswith(str(work))]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert not left, left
+
+
 def kill_all(token: str) -> None:
     for proc in processes_with(token):
         try:

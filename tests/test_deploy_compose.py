@@ -19,12 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 from cryptography import x509
 
 from fedlora.deploy.local import LocalFederation, SuperLinkEndpoint, free_port
+
+from .conftest import assert_none_under_flwr_home
 
 try:
     import tomllib
@@ -310,19 +311,5 @@ def test_compose_command_lines_run_a_federation(tmp_path: Path, generated: Path)
             # ServerApp ran under the `serverapp` service's SuperExec.
             assert "Starting Flower SuperExec" not in link.log_text()
     finally:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            left = [p.pid for p in psutil.process_iter() if _flwr_home(p).startswith(str(work))]
-            if not left:
-                break
-            time.sleep(0.2)
-        assert not left, left
+        assert_none_under_flwr_home(work)
 
-
-def _flwr_home(proc: psutil.Process) -> str:
-    try:
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return ""
-        return proc.environ().get("FLWR_HOME", "")
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
-        return ""

@@ -9,14 +9,14 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 from flwr.common.config import parse_config_args
 
 from fedlora.deploy.local import LocalFederation, free_port
+
+from .conftest import assert_none_under_flwr_home
 
 EDGE = Path(__file__).resolve().parents[1] / "deploy" / "edge"
 UNIT = EDGE / "fedlora-supernode.service"
@@ -164,19 +164,5 @@ def test_exact_unit_command_line_joins_a_tls_authenticated_superlink(tmp_path: P
             node_ids = fed.wait_for_nodes(["edge-node"], timeout_s=60)
             assert proc.is_running() and node_ids["edge-node"] > 0
     finally:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            left = [p for p in psutil.process_iter(["pid"]) if _flwr_home(p).startswith(str(work))]
-            if not left:
-                break
-            time.sleep(0.2)
-        assert not left, left
+        assert_none_under_flwr_home(work)
 
-
-def _flwr_home(proc: psutil.Process) -> str:
-    try:
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return ""
-        return proc.environ().get("FLWR_HOME", "")
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
-        return ""
