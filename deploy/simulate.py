@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -76,12 +78,28 @@ def run_simulation(job: dict[str, Any], *, resume: bool = False) -> None:
     }
     if sim.get("num_cpus"):
         backend["init_args"]["num_cpus"] = int(sim["num_cpus"])
+    # Ctrl-C must end the whole command (a Hydra multirun too), whatever the runtime's
+    # threads make of the KeyboardInterrupt: remember it and raise it again at the end.
+    interrupted = threading.Event()
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum, frame):  # noqa: ANN001 - signal handler signature
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:
+        signal.signal(signal.SIGINT, on_sigint)
     try:
         flwr_run_simulation(server_app=server_app, client_app=client_app,
                             num_supernodes=int(job["federation"]["num_clients"]),
                             backend_config=backend)
     finally:
         stop_everything()
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
+    if interrupted.is_set():
+        raise KeyboardInterrupt
     if "error" in outcome:
         raise RunFailed(f"the federation failed: {outcome['error']!r}") from outcome["error"]
     if "summary" not in outcome:
