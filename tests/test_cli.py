@@ -32,5 +32,5 @@ def test_impossible_data_split_is_a_config_error(tmp_path):
                         "federation.num_clients=100", "federation.clients_per_round=100",
                         f"hydra.run.dir={run}"], check=False)
     assert proc.returncode == 2
-    assert "could not draw a Dirichlet(0.5) split" in proc.stderr
+    assert "1200 training examples cannot give 100 clients 32 examples each" in proc.stderr
     assert "Traceback" not in proc.stderr and not (run / "metrics.jsonl").exists()
