@@ -5,8 +5,8 @@ with every method at its config defaults (the same tuning effort for each: none 
 the defaults), then writes docs/RESULTS.md (table) and docs/results.png (accuracy vs
 epsilon per method, bytes per round per method).
 
-Usage: python bench/quality.py [--seeds 0 1] [--rounds 5] [--out docs/RESULTS.md]
-       [--sweep-dir DIR] [--collect-only] [-- extra hydra overrides]
+Usage: python bench/quality.py [--seeds 0 1] [--rounds 5] [--privacy none dp_eps8 ...]
+       [--out docs/RESULTS.md] [--sweep-dir DIR] [--collect-only] [extra hydra overrides]
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ PRIVACY = ["none", "dp_eps8", "dp_eps3", "dp_eps1"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_sweep(seed: int, rounds: int, sweep_dir: Path, extra: list[str]) -> None:
+def run_sweep(seed: int, rounds: int, sweep_dir: Path, extra: list[str],
+              privacy: list[str]) -> None:
     cmd = [sys.executable, "-m", "fedlora.deploy.cli", "simulate", "-m",
-           f"strategy={','.join(METHODS)}", f"privacy={','.join(PRIVACY)}",
+           f"strategy={','.join(METHODS)}", f"privacy={','.join(privacy)}",
            f"federation.seed={seed}", f"federation.rounds={rounds}",
            f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.num}", *extra]
     print("running:", " ".join(cmd), flush=True)
@@ -144,13 +145,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "RESULTS.md")
     parser.add_argument("--sweep-dir", type=Path, default=ROOT / "multirun" / "quality")
+    parser.add_argument("--privacy", nargs="+", default=PRIVACY,
+                        help=f"privacy presets to sweep (default: {' '.join(PRIVACY)})")
     parser.add_argument("--collect-only", action="store_true")
     args, extra = parser.parse_known_args()
     extra = [e for e in extra if e != "--"]
     dirs = [args.sweep_dir / f"seed-{s}" for s in args.seeds]
     if not args.collect_only:
         for seed, sweep in zip(args.seeds, dirs, strict=True):
-            run_sweep(seed, args.rounds, sweep, extra)
+            run_sweep(seed, args.rounds, sweep, extra, args.privacy)
     command = "python bench/quality.py " + " ".join(sys.argv[1:])
     write_report(collect([d for d in dirs if d.is_dir()]), args.out, command.strip())
 
