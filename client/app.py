@@ -9,6 +9,7 @@ set node config keys: ``partition-id``/``num-partitions`` (or ``data-path``),
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -137,6 +138,13 @@ class _ReplayCache:
             os.replace(tmp, path)
 
 
+@functools.lru_cache(maxsize=256)
+def _calibrated_sigma(epsilon: float, delta: float, sample_rate: float, steps: int,
+                      accountant: str) -> float:
+    """The federation-wide noise multiplier; deterministic, so computed once per process."""
+    return calibrate_noise_multiplier(epsilon, delta, sample_rate, steps, accountant)
+
+
 def _privacy(runtime: ClientRuntime, node: _Node, num_examples: int, extra_steps: int = 0):
     """(DPSettings, ledger, budget) for this node, or None without DP."""
     privacy = runtime.cfg["privacy"]
@@ -149,8 +157,7 @@ def _privacy(runtime: ClientRuntime, node: _Node, num_examples: int, extra_steps
     strategy, fed = runtime.cfg["strategy"], runtime.cfg["federation"]
     sample_rate = int(strategy["batch_size"]) / num_examples
     planned = int(strategy["local_steps"]) * int(fed["rounds"]) + extra_steps
-    sigma = calibrate_noise_multiplier(budget, delta, sample_rate, planned,
-                                       privacy["accountant"])
+    sigma = _calibrated_sigma(budget, delta, sample_rate, planned, privacy["accountant"])
     if not node.ledger_dir:
         raise ValueError("DP is on but no ledger directory is set (node config ledger-dir)")
     ledger = PrivacyLedger.open(
