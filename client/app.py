@@ -13,7 +13,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import secrets
 from typing import Any
 
@@ -33,6 +32,7 @@ from fedlora.protos import Envelope, decode, encode
 from fedlora.task import messages as msgs
 from fedlora.task.data import federation_partition
 from fedlora.task.evaluate import evaluate
+from fedlora.task.files import atomic_write
 
 from .faults import corrupt
 from .runtime import ClientRuntime, get_runtime
@@ -96,13 +96,7 @@ def _private_seed(ledger: PrivacyLedger, round_: int) -> int:
     """
     path = ledger.path.with_suffix(".secret")
     if not path.exists():
-        tmp = path.with_suffix(".secret.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_hex(32))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, secrets.token_hex(32).encode(), mode=0o600)
     digest = hashlib.sha256(f"{path.read_text().strip()}:{round_}".encode()).digest()
     return int.from_bytes(digest[:7], "little")
 
@@ -129,13 +123,8 @@ class _ReplayCache:
         return None
 
     def store(self, data: bytes, metrics: dict[str, float]) -> None:
-        for path, payload in ((self.path, data), (self.meta, json.dumps(metrics).encode())):
-            tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "wb") as handle:
-                handle.write(payload)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
+        atomic_write(self.path, data, mode=0o600)
+        atomic_write(self.meta, json.dumps(metrics).encode(), mode=0o600)
 
 
 @functools.lru_cache(maxsize=256)

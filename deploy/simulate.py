@@ -7,7 +7,6 @@ fails or is interrupted: ray.shutdown() first, then any descendant process still
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 import threading
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
+
+from fedlora.task.files import atomic_write
 
 _log = logging.getLogger(__name__)
 
@@ -44,9 +45,7 @@ def prepare_run(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 
 
 def write_config(job: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(job)), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, OmegaConf.to_yaml(OmegaConf.create(job)).encode("utf-8"))
 
 
 def run_simulation(job: dict[str, Any], *, resume: bool = False) -> None:

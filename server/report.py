@@ -8,14 +8,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedlora.task.files import atomic_write
+
 
 def write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=1, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(payload, indent=1, sort_keys=True).encode("utf-8"))
 
 
 class MetricsLog:
@@ -34,13 +31,8 @@ class MetricsLog:
 
     def truncate(self, last_round: int) -> None:
         self.rows = [r for r in self.rows if int(r["round"]) <= last_round]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as handle:
-            for row in self.rows:
-                handle.write(json.dumps(row, sort_keys=True) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path)
+        text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in self.rows)
+        atomic_write(self.path, text.encode("utf-8"))
 
     def append(self, row: dict[str, Any]) -> None:
         self.rows.append(row)

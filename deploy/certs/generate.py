@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedlora.deploy._fsutil import atomic_write
+from fedlora.task.files import atomic_write
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"

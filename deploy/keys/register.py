@@ -32,7 +32,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedlora.deploy._fsutil import atomic_write
+from fedlora.task.files import atomic_write
 
 _ALREADY = "Public key already in use"
 

@@ -1,4 +1,4 @@
-"""Small file helpers shared by the certificate and key generators."""
+"""Atomic file writes, shared by client, server and deploy: readers never see a torn file."""
 
 from __future__ import annotations
 
