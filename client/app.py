@@ -160,18 +160,6 @@ def _privacy(runtime: ClientRuntime, node: _Node, num_examples: int, extra_steps
     return settings, ledger, budget
 
 
-def _privacy_metrics(dp, epsilon: float | None) -> dict[str, float]:
-    if dp is None:
-        return {}
-    settings, ledger, budget = dp
-    return {
-        "epsilon": float(ledger.epsilon_spent if epsilon is None else epsilon),
-        "delta": ledger.delta, "noise-multiplier": settings.noise_multiplier,
-        "max-grad-norm": settings.max_grad_norm, "sample-rate": settings.sample_rate,
-        "steps": float(ledger.steps), "epsilon-budget": budget,
-    }
-
-
 def _envelope_privacy(dp, epsilon: float | None) -> dict[str, float | int | str] | None:
     """The privacy spent, as the envelope's typed privacy message carries it."""
     if dp is None:
@@ -181,6 +169,16 @@ def _envelope_privacy(dp, epsilon: float | None) -> dict[str, float | int | str]
             "delta": ledger.delta, "noise_multiplier": settings.noise_multiplier,
             "max_grad_norm": settings.max_grad_norm, "sample_rate": settings.sample_rate,
             "steps": int(ledger.steps), "accountant": ledger.mechanism}
+
+
+def _privacy_metrics(dp, epsilon: float | None) -> dict[str, float]:
+    """The same figures as reply metrics (numbers only), plus the node's budget."""
+    spent = _envelope_privacy(dp, epsilon)
+    if spent is None:
+        return {}
+    metrics = {k.replace("_", "-"): float(v) for k, v in spent.items() if k != "accountant"}
+    metrics["epsilon-budget"] = float(dp[2])
+    return metrics
 
 
 def _reply(msg: Message, envelope: bytes | None, metrics: dict[str, float],
@@ -205,8 +203,9 @@ def train(msg: Message, context: Context) -> Message:
     if phase == msgs.PHASE_DESCRIBE:
         return _reply(msg, None, base)
     round_ = int(config["server-round"])
-    torch.manual_seed(_seed(cfg, round_, node.partition))
-    generator = torch.Generator().manual_seed(_seed(cfg, round_, node.partition) + 1)
+    seed = _seed(cfg, round_, node.partition)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed + 1)
     fedsb = "R" in runtime.method.client_trains
     init_steps = int(cfg["strategy"].get("init_batches", 0)) if fedsb else 0
     dp = _privacy(runtime, node, len(dataset), init_steps)
@@ -215,8 +214,9 @@ def train(msg: Message, context: Context) -> Message:
     cache = None
     if dp is not None:
         ledger = dp[1]
-        torch.manual_seed(_private_seed(ledger, round_))
-        generator = torch.Generator().manual_seed(_private_seed(ledger, round_) + 1)
+        private_seed = _private_seed(ledger, round_)
+        torch.manual_seed(private_seed)
+        generator = torch.Generator().manual_seed(private_seed + 1)
         cache = _ReplayCache(ledger, round_, downlink_bytes, cfg)
         cached = cache.load() if ledger.has_round(round_) else None
         if cached is not None:
@@ -234,7 +234,7 @@ def train(msg: Message, context: Context) -> Message:
     if "R" in runtime.method.client_trains:
         factors = _fixed_factors(context, factors)
     start = runtime.method.client_start(factors, runtime.spec, rank=node.rank,
-                                        seed=_seed(cfg, round_, node.partition) % 2**31)
+                                        seed=seed % 2**31)
     model = runtime.host.start(start, downlink.head)
     try:
         if dp is None:
