@@ -5,7 +5,9 @@ module docstring for its exact math, and the Methods section of README.md for an
 """
 
 from .base import (
+    HEAD_PREFIX,
     ROLES,
+    SEP,
     AdapterSpec,
     ClientStart,
     ClientUpdate,
@@ -26,6 +28,8 @@ from .flora import FLoRA
 from .registry import ENTRY_POINT_GROUP, available_methods, get_method, register_method
 
 __all__ = [
+    "HEAD_PREFIX",
+    "SEP",
     "ENTRY_POINT_GROUP",
     "FFA",
     "ROLES",

@@ -279,6 +279,9 @@ class Method(ABC):
     uplink_roles: ClassVar[tuple[str, ...]]
     downlink_roles: ClassVar[tuple[str, ...]]
     exact: ClassVar[bool]
+    # Roles whose new global value is the weighted average of what clients sent, in a basis
+    # that does not move between rounds: a server optimizer may step on (average - previous).
+    server_step_roles: ClassVar[tuple[str, ...]] = ()
     # Option name -> default. Subclasses validate values in _check_options.
     defaults: ClassVar[dict[str, Any]] = {}
 

@@ -59,6 +59,7 @@ class FedSB(Method):
     uplink_roles = ("R",)
     downlink_roles = ("R",)
     exact = True
+    server_step_roles = ("R",)
     defaults = {"init_svd": "auto", "oversample": 8, "niter": 4}
 
     def _check_options(self) -> None:

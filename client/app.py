@@ -4,7 +4,9 @@ The server sends each round one adapter envelope (protobuf, fedlora.protos) and 
 config; the client applies it as its method prescribes, trains ``local_steps`` steps
 (DP-SGD when privacy is on), and replies with its own envelope and metrics. Data owners
 set node config keys: ``partition-id``/``num-partitions`` (or ``data-path``),
-``max-epsilon`` (a stricter budget wins), ``ledger-dir``, ``device`` and ``lora-rank``.
+``max-epsilon`` (a stricter budget wins), ``ledger-dir``, ``device``, ``lora-rank`` and
+``max-physical-batch`` (DP: the most examples one forward/backward pass may hold; larger
+logical batches are split, with the same steps, noise and epsilon).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from fedlora.task import messages as msgs
 from fedlora.task.data import federation_partition
 from fedlora.task.evaluate import evaluate
 from fedlora.task.files import atomic_write
+from fedlora.task.training import round_lr
 
 from .faults import corrupt
 from .runtime import ClientRuntime, get_runtime
@@ -59,6 +62,9 @@ class _Node:
         self.device = str(node_cfg.get("device", cfg.get("device", "cpu")))
         self.max_epsilon = node_cfg.get("max-epsilon")
         self.ledger_dir = node_cfg.get("ledger-dir") or config.get("ledger-dir")
+        physical = node_cfg.get("max-physical-batch",
+                                cfg["privacy"].get("max_physical_batch_size"))
+        self.max_physical_batch = None if physical in (None, "") else int(physical)
         strategy = cfg["strategy"]
         if strategy["name"] != "flora":
             self.rank = int(strategy["rank"])  # one shared rank: the server expects it
@@ -156,7 +162,9 @@ def _privacy(runtime: ClientRuntime, node: _Node, num_examples: int, extra_steps
     settings = DPSettings(noise_multiplier=sigma, max_grad_norm=float(privacy["max_grad_norm"]),
                           sample_rate=sample_rate, steps=int(strategy["local_steps"]),
                           accountant=privacy["accountant"],
-                          grad_sample_mode=privacy.get("grad_sample_mode", "hooks"))
+                          grad_sample_mode=privacy.get("grad_sample_mode", "hooks"),
+                          max_physical_batch_size=node.max_physical_batch,
+                          secure_mode=bool(privacy.get("secure_mode", False)))
     return settings, ledger, budget
 
 
@@ -236,13 +244,14 @@ def train(msg: Message, context: Context) -> Message:
     start = runtime.method.client_start(factors, runtime.spec, rank=node.rank,
                                         seed=seed % 2**31)
     model = runtime.host.start(start, downlink.head)
+    strategy = dict(cfg["strategy"], lr=round_lr(cfg, round_))
     try:
         if dp is None:
-            result = train_plain(model, dataset, cfg["strategy"], runtime.task, runtime.device,
+            result = train_plain(model, dataset, strategy, runtime.task, runtime.device,
                                  generator)
         else:
             settings, ledger, budget = dp
-            result = train_private(model, dataset, cfg["strategy"], runtime.task,
+            result = train_private(model, dataset, strategy, runtime.task,
                                    runtime.device, generator, settings, ledger, round_, budget)
     except BudgetExhausted as exc:
         _log.warning("%s refuses round %d: %s", node.name, round_, exc)

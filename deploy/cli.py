@@ -5,6 +5,7 @@
   fedlora resume RUN_DIR                  continue a run from its last round checkpoint
   fedlora methods                         the registered aggregation methods
   fedlora privacy RUN_DIR                 the per-client privacy report of a run
+  fedlora tune --strategy S --privacy P --space k=v1,v2 ...   search a recipe (real runs)
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     commands = {"simulate": _simulate, "resume": _resume, "methods": _methods,
-                "privacy": _privacy, "deploy": _deploy}
+                "privacy": _privacy, "deploy": _deploy, "tune": _tune}
     if command not in commands:
         print(f"fedlora: unknown command {command!r}\n\n{USAGE.strip()}", file=sys.stderr)
         return 2
@@ -58,6 +59,12 @@ def _quiet() -> None:
     logging.getLogger("flwr").propagate = False
     for noisy in ("alembic", "matplotlib", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _tune(rest: list[str]) -> int:
+    from .tune import main as tune_main
+
+    return tune_main(rest)
 
 
 def _simulate(rest: list[str]) -> int:

@@ -4,6 +4,7 @@ the per-sample loss, and scrubbing Opacus state off a model."""
 from __future__ import annotations
 
 import math
+import secrets
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -98,6 +99,11 @@ def noise_generator(generator: torch.Generator | None, device: torch.device) -> 
         return generator
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     return torch.Generator(device=device).manual_seed(seed)
+
+
+def secure_generator() -> torch.Generator:
+    """A CPU generator seeded with 63 bits of fresh OS entropy (secrets), known to no one."""
+    return torch.Generator().manual_seed(secrets.randbits(63))
 
 
 def per_sample_loss(logits: Tensor, targets: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from opacus import PrivacyEngine
+from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -40,6 +41,7 @@ from .common import (
     poisson_loader,
     quiet_hooks,
     scrub_opacus,
+    secure_generator,
 )
 from .ledger import PrivacyLedger
 
@@ -54,6 +56,12 @@ class DPSettings:
 
     ``grad_sample_mode``: "hooks" (per-sample gradients) or "ghost" (Opacus fast gradient
     clipping: per-sample norms only, less memory on long sequences).
+    ``max_physical_batch_size``: split each Poisson (logical) batch into chunks of at most
+    this many examples (Opacus's BatchMemoryManager): the same steps, noise and epsilon as
+    unsplit, with the memory of the small chunk. None: no split.
+    ``secure_mode``: draw noise and Poisson samples from a generator seeded with fresh OS
+    entropy each round (not reproducible, not derivable from any stored secret) and use
+    Opacus's floating-point-attack-resistant Gaussian sampler (four draws per coordinate).
     """
 
     noise_multiplier: float
@@ -62,6 +70,8 @@ class DPSettings:
     steps: int
     accountant: str = "prv"
     grad_sample_mode: str = "hooks"
+    max_physical_batch_size: int | None = None
+    secure_mode: bool = False
 
     def __post_init__(self) -> None:
         self.noise_multiplier = check_noise_multiplier(self.noise_multiplier)
@@ -75,6 +85,13 @@ class DPSettings:
             raise ValueError(
                 f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {self.grad_sample_mode!r}"
             )
+        physical = self.max_physical_batch_size
+        if physical is not None and (isinstance(physical, bool) or not isinstance(physical, int)
+                                     or physical < 1):
+            raise ValueError(f"max_physical_batch_size must be an integer >= 1 or None, "
+                             f"got {physical!r}")
+        if not isinstance(self.secure_mode, bool):
+            raise ValueError(f"secure_mode must be a bool, got {self.secure_mode!r}")
 
 
 @dataclass
@@ -160,6 +177,8 @@ def run_private_round(
     ledger.check_budget(sigma, q, steps, budget)
 
     ghost = settings.grad_sample_mode == "ghost"
+    if settings.secure_mode:
+        generator = secure_generator()
     engine = _engine(ledger.mechanism)
     engine.accountant.history = ledger.history  # the engine starts where the client stands
     expected_history = merge_history([*ledger.history, (sigma, q, steps)])
@@ -187,11 +206,22 @@ def run_private_round(
         else:
             hooks, dp_optimizer, _ = private
             criterion = None
+        # Opacus's engine-level secure_mode needs torchcsprng (no build for torch 2.x); the
+        # optimizer flag alone selects its attack-resistant sampler, and the generator above
+        # is seeded from the OS CSPRNG.
+        dp_optimizer.secure_mode = settings.secure_mode
         # Sample and account at exactly q = b / N (see poisson_loader), so the noise is
         # averaged over the expected batch b = q N and Opacus's accountant steps at q.
         loader = poisson_loader(data_loader, q, generator)
         dp_optimizer.expected_batch_size = batch_size
         dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=q))
+        physical = settings.max_physical_batch_size
+        if physical is not None and physical < batch_size:
+            # Logical Poisson batches split into physical chunks; the optimizer only steps
+            # (and the accountant only counts) at the end of each logical batch.
+            manager = BatchMemoryManager(data_loader=loader, max_physical_batch_size=physical,
+                                         optimizer=dp_optimizer)
+            loader = manager.__enter__()
 
         with quiet_hooks():
             total_loss, seen = _steps(model, dp_optimizer, criterion, cycle(loader), forward,
@@ -231,9 +261,13 @@ def _steps(
     steps: int,
     on_step: Callable[[int, float], None] | None,
 ) -> tuple[float, int]:
-    """Exactly ``steps`` DP-SGD steps; returns (summed per-example loss, examples seen)."""
-    total_loss, seen = 0.0, 0
-    for step in range(1, steps + 1):
+    """Exactly ``steps`` logical DP-SGD steps; returns (summed per-example loss, examples seen).
+
+    With physical batching a logical step spans several chunks: the optimizer reports each
+    chunk but the last as skipped (clipped and accumulated, not noised nor stepped).
+    """
+    total_loss, seen, step, logical_loss, logical_n = 0.0, 0, 0, 0.0, 0
+    while step < steps:
         batch = next(batches)
         dp_optimizer.zero_grad(set_to_none=True)
         logits, targets = forward(model, batch)
@@ -253,9 +287,14 @@ def _steps(
             (losses.sum() / max(n, 1)).backward()
             losses = losses.detach()
         dp_optimizer.step()
-        batch_loss = float(losses.sum())
-        total_loss += batch_loss
-        seen += n
+        logical_loss += float(losses.sum())
+        logical_n += n
+        if dp_optimizer._is_last_step_skipped:
+            continue  # a chunk of a logical batch: no step yet
+        step += 1
+        total_loss += logical_loss
+        seen += logical_n
         if on_step is not None:
-            on_step(step, batch_loss / n if n else math.nan)
+            on_step(step, logical_loss / logical_n if logical_n else math.nan)
+        logical_loss, logical_n = 0.0, 0
     return total_loss, seen

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from opacus.grad_sample import GradSampleHooks, GradSampleHooksFastGradientClipping
+from opacus.optimizers.optimizer import _generate_noise as generate_noise
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -27,6 +28,7 @@ from .common import (
     poisson_loader,
     quiet_hooks,
     scrub_opacus,
+    secure_generator,
 )
 from .dpsgd import DPSettings
 from .ledger import PrivacyLedger
@@ -108,6 +110,8 @@ def run_private_gradient_estimate(
         else:
             hooks = GradSampleHooks(model, loss_reduction="sum")
         device = targets[0].device
+        if settings.secure_mode:
+            generator = secure_generator()
         noise_gen = noise_generator(generator, device)
         loader = poisson_loader(data_loader, q, generator) if private else data_loader
         totals = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in targets]
@@ -127,11 +131,10 @@ def run_private_gradient_estimate(
             denominator = batch_size if private else max(n, 1)
             for total, summed in zip(totals, sums, strict=True):
                 if sigma > 0:
-                    noise = torch.normal(
-                        0.0, sigma * clip, size=summed.shape, generator=noise_gen,
-                        device=device, dtype=summed.dtype,
-                    )
-                    summed = summed + noise.to(summed.device)
+                    # Opacus's sampler: plain, or attack-resistant in secure mode.
+                    noise = generate_noise(sigma * clip, summed, generator=noise_gen,
+                                           secure_mode=settings.secure_mode)
+                    summed = summed + noise
                 total += summed / denominator
             for p in targets:
                 p.grad = None

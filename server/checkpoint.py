@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from fedlora.aggregation import GlobalState
 
 _DIR = "checkpoints"
+_OPTIMIZER = "server_optimizer.safetensors"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -28,7 +29,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(run_dir: Path, state: GlobalState, extra: dict[str, Any], keep: int = 2) -> Path:
+def save_checkpoint(run_dir: Path, state: GlobalState, extra: dict[str, Any], keep: int = 2,
+                    optimizer_state: dict[str, Any] | None = None) -> Path:
+    """Write round ``state.round``; ``optimizer_state`` (server optimizer moments) beside it."""
     root = Path(run_dir) / _DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"round-{state.round:06d}"
@@ -38,12 +41,17 @@ def save_checkpoint(run_dir: Path, state: GlobalState, extra: dict[str, Any], ke
     tmp.mkdir()
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.tensors().items()}
     save_file(tensors, str(tmp / "state.safetensors"))
+    names = ["state.safetensors"]
+    if optimizer_state:
+        save_file({k: v.detach().contiguous().cpu() for k, v in optimizer_state.items()},
+                  str(tmp / _OPTIMIZER))
+        names.append(_OPTIMIZER)
     meta = {"round": state.round, "meta": state.meta, **extra}
     with open(tmp / "state.json", "w", encoding="utf-8") as handle:
         json.dump(meta, handle, indent=1, sort_keys=True)
         handle.flush()
         os.fsync(handle.fileno())
-    for name in ("state.safetensors",):
+    for name in names:
         with open(tmp / name, "rb") as handle:
             os.fsync(handle.fileno())
     if final.exists():
@@ -66,3 +74,9 @@ def load_checkpoint(path: Path) -> tuple[GlobalState, dict[str, Any]]:
     tensors = load_file(str(path / "state.safetensors"))
     state = GlobalState.from_tensors(int(meta["round"]), tensors, meta["meta"])
     return state, meta
+
+
+def load_optimizer_state(path: Path) -> dict[str, Any]:
+    """The server optimizer's moments saved with a checkpoint ({} when there were none)."""
+    file = path / _OPTIMIZER
+    return load_file(str(file)) if file.is_file() else {}

@@ -25,9 +25,16 @@ from flwr.serverapp.strategy import Strategy
 from fedlora.aggregation import ClientUpdate, GlobalState, Method
 from fedlora.protos import Envelope, Expectation, UpdateRejected, decode, encode, payload_bytes
 from fedlora.task import messages as msgs
+from fedlora.task.training import ServerOptimizerConfig, round_lr
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_optimizer_state,
+    save_checkpoint,
+)
 from .evaluation import CentralEvaluator
+from .optimizer import ServerOptimizer
 from .report import MetricsLog
 
 _log = logging.getLogger(__name__)
@@ -89,6 +96,9 @@ class FedLoraStrategy(Strategy):
         self.progress = progress or Progress(int(self.fed["rounds"]))
         self.spec = evaluator.spec()
         self.state: GlobalState = method.init_state(self.spec, evaluator.initial_head)
+        self.server_optimizer = ServerOptimizer(
+            ServerOptimizerConfig.from_config(cfg["strategy"].get("server_optimizer")),
+            method.server_step_roles)
         self.nodes: dict[int, NodeInfo] = {}
         self.contacted: set[int] = set()  # partitions holding Fed-SB's fixed B, A
         self.metrics = MetricsLog(self.run_dir)
@@ -192,6 +202,7 @@ class FedLoraStrategy(Strategy):
             "refused": outcome.refused,
             "lost": outcome.lost,
             "skipped": skipped,
+            "lr": round_lr(self.cfg, server_round),
         }
         epsilons = [c["epsilon"] for c in outcome.clients if c.get("epsilon") is not None]
         row["epsilon_max"] = max(epsilons) if epsilons else None
@@ -199,7 +210,8 @@ class FedLoraStrategy(Strategy):
         row["wall_seconds"] = time.perf_counter() - started
         self.metrics.append(row)
         save_checkpoint(self.run_dir, self.state, self._checkpoint_extra(),
-                        keep=int(self.cfg.get("keep_checkpoints", 2)))
+                        keep=int(self.cfg.get("keep_checkpoints", 2)),
+                        optimizer_state=self.server_optimizer.state_tensors())
         self._report(row)
         return row
 
@@ -216,8 +228,10 @@ class FedLoraStrategy(Strategy):
                          len(outcome.updates), int(self.fed["min_clients"]))
             self.state = GlobalState(server_round, before.factors, before.head, before.meta)
             return True, None
-        self.state = self.method.aggregate(before, outcome.updates)
-        errors = self.method.aggregation_error(before, outcome.updates, self.state)
+        averaged = self.method.aggregate(before, outcome.updates)
+        errors = self.method.aggregation_error(before, outcome.updates, averaged)
+        # The method's aggregate is exact (or its error is reported) before this step.
+        self.state = self.server_optimizer.step(before, averaged)
         return False, None if errors is None else float(sum(e * e for e in errors.values()) ** 0.5)
 
     def sample(self, server_round: int) -> list[NodeInfo]:
@@ -471,6 +485,7 @@ class FedLoraStrategy(Strategy):
         if meta.get("fingerprint") != self.evaluator.fingerprint:
             raise RuntimeError("checkpoint was made for another base model (fingerprint differs)")
         self.state = state
+        self.server_optimizer.load_state_tensors(load_optimizer_state(path))
         self.metrics.truncate(state.round)
         # Node state (Fed-SB's B, A) does not survive a restart: contact everyone again.
         self.contacted = set()

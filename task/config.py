@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .training import LRSchedule, ServerOptimizerConfig
+
 MODEL_SOURCES = ("package", "path", "tiny_bert", "tiny_llama")
 DATA_SOURCES = ("bbc_news", "csv", "jsonl", "disk", "synthetic")
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
@@ -22,7 +24,7 @@ class ConfigError(ValueError):
 
 def validate(cfg: Mapping[str, Any]) -> None:
     """Check a resolved config (plain dict). Raises ConfigError listing every problem."""
-    from fedlora.aggregation import available_methods
+    from fedlora.aggregation import available_methods, get_method
 
     problems: list[str] = []
 
@@ -58,6 +60,21 @@ def validate(cfg: Mapping[str, Any]) -> None:
     number("strategy", "batch_size", 1, integer=True)
     need(strategy.get("weighting") in ("examples", "uniform"),
          f"strategy.weighting must be 'examples' or 'uniform', got {strategy.get('weighting')!r}")
+    try:
+        LRSchedule.from_config(strategy.get("lr_schedule"))
+    except (TypeError, ValueError) as exc:
+        problems.append(f"strategy.{exc}")
+    try:
+        server_optimizer = ServerOptimizerConfig.from_config(strategy.get("server_optimizer"))
+    except (TypeError, ValueError) as exc:
+        problems.append(f"strategy.{exc}")
+    else:
+        if server_optimizer.active and strategy.get("name") in methods:
+            roles = get_method(strategy["name"]).server_step_roles
+            need(bool(roles),
+                 f"strategy.server_optimizer.name={server_optimizer.name!r} needs a method whose "
+                 f"global factors are averaged in a fixed basis; {strategy['name']!r} is not one "
+                 f"(it refactorizes or stacks): use server_optimizer.name=none")
     if strategy.get("name") == "flora":
         ranks = strategy.get("ranks") or []
         need(bool(ranks) and all(isinstance(r, int) and r >= 1 for r in ranks),

@@ -1,0 +1,97 @@
+"""DP recipes: one file per (method, budget), applied by `privacy=dp_epsN`, overridable; and
+`fedlora tune`, which writes them from real runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from fedlora.deploy.tune import best_point, grid, recipe_yaml, sample_points, trial_key
+from fedlora.task.config import validate
+
+from .conftest import read_metrics, run_fedlora
+
+METHODS = ("fedavg", "ffa", "flora", "fedsvd", "fedsb")
+BUDGETS = ("dp_eps8", "dp_eps3", "dp_eps1")
+RECIPES = Path(__file__).resolve().parents[1] / "conf" / "recipe"
+
+
+def composed(*overrides: str) -> dict:
+    with initialize_config_module(config_module="fedlora.conf", version_base=None):
+        return OmegaConf.to_container(compose("config", overrides=list(overrides)), resolve=True)
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_and_budget_resolves_to_its_recipe(method: str, budget: str) -> None:
+    cfg = composed(f"strategy={method}", f"privacy={budget}")
+    assert cfg["recipe_name"] == f"{method}_{budget}"
+    assert cfg["privacy"]["enabled"] and cfg["privacy"]["epsilon"] == float(budget[6:])
+    recipe = yaml.safe_load((RECIPES / f"{method}_{budget}.yaml").read_text())
+    for section in ("strategy", "federation", "privacy"):
+        for key, value in (recipe.get(section) or {}).items():
+            got = cfg[section][key]
+            if isinstance(value, dict):
+                assert {k: got[k] for k in value} == value
+            else:
+                assert got == value, (section, key)
+    validate(cfg)
+    # Every value stays overridable from the command line.
+    override = composed(f"strategy={method}", f"privacy={budget}", "strategy.lr=0.0123",
+                        "federation.rounds=3")
+    assert override["strategy"]["lr"] == 0.0123 and override["federation"]["rounds"] == 3
+
+
+def test_no_recipe_without_a_preset() -> None:
+    plain = composed()
+    assert plain["recipe_name"] is None and not plain["privacy"]["enabled"]
+    custom = composed("privacy=dp", "privacy.epsilon=5")
+    assert custom["recipe_name"] is None and custom["privacy"]["epsilon"] == 5
+
+
+def test_search_helpers() -> None:
+    axes = ["strategy.lr=0.1,0.2", "federation.rounds=5,10,20"]
+    assert len(grid(axes)) == 6
+    a, b = sample_points(axes, 4, seed=3), sample_points(axes, 4, seed=3)
+    assert a == b and len({trial_key(p) for p in a}) == 4  # same budget, distinct points
+    with pytest.raises(ValueError, match="key=v1"):
+        grid(["strategy.lr"])
+    rows = [{"key": trial_key(["x=1", "p=1", "federation.seed=0"]), "final_accuracy": 0.5},
+            {"key": trial_key(["x=1", "p=1", "federation.seed=1"]), "final_accuracy": 0.7},
+            {"key": trial_key(["x=1", "p=2", "federation.seed=0"]), "final_accuracy": 0.65}]
+    point, score, count = best_point(rows, [["p=1"], ["p=2"]], ["x=1"], [0, 1])
+    assert point == ["p=2"] and score == 0.65 and count == 1
+    text = recipe_yaml("ffa_dp_eps8", ["strategy.lr=0.05", "strategy.lr_schedule.kind=cosine",
+                                       "federation.rounds=12"], ["why"])
+    assert text.startswith("# @package _global_\n# why\n")
+    assert yaml.safe_load(text) == {"recipe_name": "ffa_dp_eps8", "federation": {"rounds": 12},
+                                    "strategy": {"lr": 0.05,
+                                                 "lr_schedule": {"kind": "cosine"}}}
+
+
+def test_tune_runs_real_trials_resumes_and_writes_a_recipe(tmp_path: Path) -> None:
+    args = ["tune", "--strategy", "ffa", "--privacy", "dp_eps8", "--trials", "1",
+            "--space", "strategy.lr=0.05", "--results", str(tmp_path / "results.jsonl"),
+            "--runs-dir", str(tmp_path / "runs"), "--write-recipe", "--recipe-dir",
+            str(tmp_path / "recipes"), "--", "model=tiny_bert", "data=synthetic",
+            "federation.rounds=1", "federation.num_clients=3", "federation.clients_per_round=3"]
+    first = run_fedlora(args)
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["epsilon_max"] <= 8.0
+    run_dir = Path(rows[0]["run_dir"])
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert cfg["recipe_name"] == "ffa_dp_eps8" and cfg["strategy"]["lr"] == 0.05
+    assert read_metrics(run_dir)[-1]["lr"] == 0.05  # one round: cosine starts at lr
+    recipe = yaml.safe_load((tmp_path / "recipes" / "ffa_dp_eps8.yaml").read_text())
+    assert recipe["strategy"]["lr"] == 0.05 and "best" not in first.stdout.splitlines()[0]
+    again = run_fedlora(args)  # resumable: the finished trial is not run again
+    assert "1 trials, 1 already in" in again.stdout
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 1
+    with pytest.raises(AssertionError, match="not a recipe knob"):
+        run_fedlora(["tune", "--strategy", "ffa", "--privacy", "dp_eps8", "--space",
+                     "model.max_length=16"])
