@@ -18,6 +18,7 @@ from flwr.common.config import parse_config_args
 from flwr.supercore.primitives.asymmetric import uses_nist_ec_curve
 
 from fedlora.deploy.certs.generate import cert_paths, generate_certificates
+from fedlora.deploy.flower_cli import format_config_args, write_connection_config
 from fedlora.deploy.keys.generate import (
     SUPEREXEC_SECRET,
     generate_node_key,
@@ -25,8 +26,6 @@ from fedlora.deploy.keys.generate import (
     generate_superexec_secret,
 )
 from fedlora.deploy.keys.register import main as register_main
-from fedlora.deploy.keys.register import write_connection_config
-from fedlora.deploy.local import format_config_args
 
 
 def _mode(path: Path) -> int:

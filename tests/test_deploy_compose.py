@@ -23,7 +23,9 @@ import pytest
 import yaml
 from cryptography import x509
 
-from fedlora.deploy.local import LocalFederation, SuperLinkEndpoint, free_port
+from fedlora.deploy.federation import SuperLinkEndpoint
+from fedlora.deploy.local import LocalFederation
+from fedlora.deploy.processes import free_port
 
 from .conftest import assert_none_under_flwr_home
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from flwr.common.config import parse_config_args
 
-from fedlora.deploy.local import LocalFederation, free_port
+from fedlora.deploy.local import LocalFederation
+from fedlora.deploy.processes import free_port
 
 from .conftest import assert_none_under_flwr_home
 

@@ -24,7 +24,6 @@ step can run on every (re)start, e.g. as a one-shot compose service.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -32,7 +31,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedlora.task.files import atomic_write
+from fedlora.deploy.flower_cli import parse_node_id, register_command, write_connection_config
 
 _ALREADY = "Public key already in use"
 
@@ -52,30 +51,6 @@ class Registration:
         return self.node_id is not None or self.already_registered
 
 
-def _flwr() -> str:
-    candidate = Path(sys.executable).parent / "flwr"
-    return str(candidate) if candidate.exists() else "flwr"
-
-
-def write_connection_config(
-    flwr_home: Path, name: str, address: str, root_certificates: Path | None
-) -> Path:
-    """Write a minimal ``config.toml`` naming one SuperLink connection; return its path.
-
-    ``root_certificates=None`` means an insecure (plain HTTP) connection.
-    """
-    lines = ["[superlink]", f"default = {json.dumps(name)}", "", f"[superlink.{name}]"]
-    lines.append(f"address = {json.dumps(address)}")
-    if root_certificates is None:
-        lines.append("insecure = true")
-    else:
-        # flwr 1.39 insists on an absolute path here.
-        lines.append(f"root-certificates = {json.dumps(str(Path(root_certificates).resolve()))}")
-    path = flwr_home / "config.toml"
-    atomic_write(path, ("\n".join(lines) + "\n").encode())
-    return path
-
-
 def register_public_key(
     public_key: Path,
     connection: str,
@@ -88,9 +63,7 @@ def register_public_key(
     env = dict(os.environ)
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
-    args = [_flwr(), "supernode", "register", str(public_key), connection, "--format", "json"]
-    if node_name:
-        args += ["--name", node_name]
+    args = register_command(public_key, connection, name=node_name)
     # cwd: a neutral directory, because flwr migrates (rewrites) a pyproject.toml with
     # [tool.flwr.federations] that it finds in the working directory.
     with tempfile.TemporaryDirectory() as cwd:
@@ -105,13 +78,7 @@ def register_public_key(
             check=False,
         )
     output = (result.stdout + result.stderr).strip()
-    node_id = None
-    try:
-        data = json.loads(result.stdout[result.stdout.index("{") : result.stdout.rindex("}") + 1])
-        if data.get("success"):
-            node_id = int(data["node-id"])
-    except (ValueError, KeyError, TypeError):
-        pass
+    node_id = parse_node_id(result.stdout)
     return Registration(Path(public_key), node_id, _ALREADY in output, output)
 
 
