@@ -5,6 +5,7 @@ module docstring for its exact math, and the Methods section of README.md for an
 """
 
 from .base import (
+    ADAPTER_LAYERS,
     HEAD_PREFIX,
     ROLES,
     SEP,
@@ -15,6 +16,7 @@ from .base import (
     GlobalState,
     Method,
     client_weights,
+    option,
     qr_svd,
     shared_a,
     spec_from_meta,
@@ -28,6 +30,7 @@ from .flora import FLoRA
 from .registry import ENTRY_POINT_GROUP, available_methods, get_method, register_method
 
 __all__ = [
+    "ADAPTER_LAYERS",
     "HEAD_PREFIX",
     "SEP",
     "ENTRY_POINT_GROUP",
@@ -43,6 +46,7 @@ __all__ = [
     "FedSVD",
     "GlobalState",
     "Method",
+    "option",
     "available_methods",
     "client_weights",
     "get_method",

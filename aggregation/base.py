@@ -17,7 +17,7 @@ import math
 import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
@@ -269,9 +269,38 @@ def as_factor(t: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- Method
 
+ADAPTER_LAYERS: tuple[str, ...] = ("lora", "lora_sb")
+
+
+def option(default: Any, help: str) -> Any:
+    """A method option with its default and help text (shown by `fedlora methods`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class NoOptions:
+    """A method without options."""
+
+
+def option_help(options_type: type) -> dict[str, tuple[Any, str]]:
+    """name -> (default, help) of a method's options dataclass."""
+    out = {}
+    for f in fields(options_type):
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        out[f.name] = (default, f.metadata.get("help", ""))
+    return out
+
 
 class Method(ABC):
-    """One federated LoRA aggregation method (client side and server side of the math)."""
+    """One federated LoRA aggregation method (client side and server side of the math).
+
+    A method describes itself in class attributes, so the Flower glue (client/, server/,
+    task/) never needs its name: the adapter layer it trains, which roles travel, whether
+    ranks differ per client, whether an init round precedes training, what a node keeps
+    between rounds, and its typed options.
+    """
 
     name: ClassVar[str]
     summary: ClassVar[str]
@@ -279,24 +308,60 @@ class Method(ABC):
     uplink_roles: ClassVar[tuple[str, ...]]
     downlink_roles: ClassVar[tuple[str, ...]]
     exact: ClassVar[bool]
+    # The adapted layer: "lora" (W0 + s B A) or "lora_sb" (W0 + s B R A, LoRA-SB).
+    adapter_layer: ClassVar[str] = "lora"
+    # Whether each client may train at its own rank r_k (its memory budget).
+    per_client_rank: ClassVar[bool] = False
+    # Roles clients send in an init round before round 1 (empty: no init round); the
+    # server turns them into the first state with init_from_updates.
+    init_round_roles: ClassVar[tuple[str, ...]] = ()
+    # Roles a node keeps between rounds: sent once at first contact (or never sent, for
+    # personalized factors) and merged into every later downlink on the node.
+    node_keeps: ClassVar[tuple[str, ...]] = ()
+    # Some factors never leave the client: no single global model.
+    personalized: ClassVar[bool] = False
     # Roles whose new global value is the weighted average of what clients sent, in a basis
     # that does not move between rounds: a server optimizer may step on (average - previous).
     server_step_roles: ClassVar[tuple[str, ...]] = ()
-    # Option name -> default. Subclasses validate values in _check_options.
-    defaults: ClassVar[dict[str, Any]] = {}
+    # The typed options: a dataclass whose fields use option(default, help).
+    Options: ClassVar[type] = NoOptions
 
     def __init__(self, weighting: str = "examples", **options: Any) -> None:
         if weighting not in WEIGHTINGS:
             raise ValueError(
                 f"{self.name}: weighting must be one of {WEIGHTINGS}, got {weighting!r}"
             )
-        unknown = sorted(set(options) - set(self.defaults))
+        known = option_help(self.Options)
+        unknown = sorted(set(options) - set(known))
         if unknown:
-            known = ", ".join(sorted(self.defaults)) or "none"
-            raise ValueError(f"{self.name}: unknown option(s) {unknown}; known options: {known}")
+            names = ", ".join(sorted(known)) or "none"
+            raise ValueError(f"{self.name}: unknown option(s) {unknown}; known options: {names}")
         self.weighting = weighting
-        self.options: dict[str, Any] = {**self.defaults, **options}
+        self.opts = self.Options(**options)
+        self.options: dict[str, Any] = asdict(self.opts)
         self._check_options()
+
+    @classmethod
+    def describe_options(cls) -> dict[str, tuple[Any, str]]:
+        """name -> (default, help) for every option of this method."""
+        return option_help(cls.Options)
+
+    # -- what a node is -----------------------------------------------------------------
+    def client_rank(self, spec: AdapterSpec, partition: int, declared: int | None = None) -> int:
+        """The rank client ``partition`` trains at (``declared``: its node config)."""
+        del partition, declared  # one shared rank: the server expects it from everyone
+        return spec.rank
+
+    def init_round_steps(self) -> int:
+        """Optimizer-free DP steps a client spends in the init round (0: no init round)."""
+        return 0
+
+    def init_from_updates(
+        self, spec: AdapterSpec, updates: Sequence[ClientUpdate],
+        head: dict[str, torch.Tensor] | None = None,
+    ) -> GlobalState:
+        """The first state from the init round's updates (methods with init_round_roles)."""
+        raise NotImplementedError(f"{self.name} has no init round")
 
     def _check_options(self) -> None:
         """Raise ValueError on a bad option value. Subclasses extend this."""
@@ -322,8 +387,13 @@ class Method(ABC):
         """A new state (round + 1) from the clients' updates; inputs are never mutated."""
 
     @abstractmethod
-    def downlink(self, state: GlobalState, *, first_contact: bool = False) -> Factors:
-        """What the server sends to a client this round (tensors shared with ``state``)."""
+    def downlink(self, state: GlobalState, *, first_contact: bool = False,
+                 rank: int | None = None) -> Factors:
+        """What the server sends one client this round (tensors shared with ``state``).
+
+        ``first_contact``: the client has not been sent anything yet (it lacks node_keeps);
+        ``rank``: the client's own rank (per_client_rank methods may tailor the factors).
+        """
 
     # -- client side -------------------------------------------------------------------
     @abstractmethod

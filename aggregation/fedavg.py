@@ -70,7 +70,8 @@ class FedAvg(Method):
         }
         return self._next(state, factors, updates, p)
 
-    def downlink(self, state: GlobalState, *, first_contact: bool = False) -> Factors:
+    def downlink(self, state: GlobalState, *, first_contact: bool = False,
+                 rank: int | None = None) -> Factors:
         return {m: {"A": f["A"], "B": f["B"]} for m, f in state.factors.items()}
 
     def client_start(

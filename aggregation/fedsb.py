@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -40,6 +41,7 @@ from .base import (
     as_factor,
     average_heads,
     generator,
+    option,
     orthonormal_rows,
     require_downlink,
     spec_from_meta,
@@ -60,11 +62,38 @@ class FedSB(Method):
     downlink_roles = ("R",)
     exact = True
     server_step_roles = ("R",)
-    defaults = {"init_svd": "auto", "oversample": 8, "niter": 4}
+    adapter_layer = "lora_sb"
+    init_round_roles = ("G",)
+    node_keeps = ("A", "B")
+
+    @dataclass
+    class Options:
+        init_batches: int = option(2, "batches of full-weight gradient estimate per client in "
+                                   "the init round (under DP: that many accounted steps)")
+        init_lr: float = option(1e-3, "step size of the init direction dW = -init_lr sign(G)")
+        init_svd: str = option("auto", "truncated SVD of dW: exact, lowrank "
+                               "(torch.svd_lowrank) or auto")
+        oversample: int = option(8, "lowrank SVD: extra columns beyond the rank")
+        niter: int = option(4, "lowrank SVD: subspace iterations")
+
+    def init_round_steps(self) -> int:
+        return int(self.options["init_batches"])
+
+    def init_from_updates(
+        self, spec: AdapterSpec, updates: Sequence[ClientUpdate],
+        head: dict[str, torch.Tensor] | None = None,
+    ) -> GlobalState:
+        return self.init_from_gradients(spec, updates, lr=float(self.options["init_lr"]),
+                                        head=head)
 
     def _check_options(self) -> None:
         super()._check_options()
         o = self.options
+        b, lr = o["init_batches"], o["init_lr"]
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise ValueError(f"fedsb: init_batches must be an integer >= 1, got {b!r}")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise ValueError(f"fedsb: init_lr must be a number > 0, got {lr!r}")
         if o["init_svd"] not in ("auto", "exact", "lowrank"):
             raise ValueError(f"fedsb: init_svd must be auto, exact or lowrank, got {o['init_svd']!r}")
         for key in ("oversample", "niter"):
@@ -165,7 +194,8 @@ class FedSB(Method):
         }
         return self._next(state, factors, updates, p)
 
-    def downlink(self, state: GlobalState, *, first_contact: bool = False) -> Factors:
+    def downlink(self, state: GlobalState, *, first_contact: bool = False,
+                 rank: int | None = None) -> Factors:
         roles = ("R", "B", "A") if first_contact else ("R",)
         return {m: {k: f[k] for k in roles} for m, f in state.factors.items()}
 

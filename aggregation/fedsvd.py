@@ -27,6 +27,7 @@ and the matching columns of B are zero.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -40,6 +41,7 @@ from .base import (
     as_factor,
     clone_factors,
     generator,
+    option,
     orthonormal_rows,
     qr_svd,
     require_downlink,
@@ -79,7 +81,10 @@ class FedSVD(Method):
     uplink_roles = ("B",)
     downlink_roles = ("A", "B")
     exact = True
-    defaults = {"period": 1}
+
+    @dataclass
+    class Options:
+        period: int = option(1, "refactorize Bbar A by SVD every `period` rounds (1: every round)")
 
     def _check_options(self) -> None:
         super()._check_options()
@@ -118,7 +123,8 @@ class FedSVD(Method):
             factors[m] = {"A": a_new, "B": b_new}
         return self._next(state, factors, updates, p)
 
-    def downlink(self, state: GlobalState, *, first_contact: bool = False) -> Factors:
+    def downlink(self, state: GlobalState, *, first_contact: bool = False,
+                 rank: int | None = None) -> Factors:
         return {m: {"A": f["A"], "B": f["B"]} for m, f in state.factors.items()}
 
     def client_start(

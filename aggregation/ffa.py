@@ -68,7 +68,8 @@ class FFA(Method):
         }
         return self._next(state, factors, updates, p)
 
-    def downlink(self, state: GlobalState, *, first_contact: bool = False) -> Factors:
+    def downlink(self, state: GlobalState, *, first_contact: bool = False,
+                 rank: int | None = None) -> Factors:
         return {m: {"B": f["B"]} for m, f in state.factors.items()}
 
     def client_start(

@@ -30,6 +30,7 @@ State layout: factors[module] = {"B": B_acc, "A": A_acc} with W - W0 = B_acc A_a
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -42,6 +43,7 @@ from .base import (
     Method,
     as_factor,
     is_int,
+    option,
     qr_svd,
     require_downlink,
     shared_a,
@@ -55,10 +57,28 @@ class FLoRA(Method):
     uplink_roles = ("A", "B")
     downlink_roles = ("B", "A")
     exact = True
-    defaults = {"compress": False, "rtol": 1e-6}
+    per_client_rank = True
+
+    @dataclass
+    class Options:
+        ranks: list[int] = option([4, 8, 16], "rank of client k: ranks[partition % len(ranks)], "
+                                  "unless its node config sets lora-rank")
+        compress: bool = option(False, "always refactorize the accumulated delta (QR + SVD) "
+                                "instead of only when the stack outgrows min(d_out, d_in)")
+        rtol: float = option(1e-6, "singular values below rtol * s_max are dropped when "
+                             "refactorizing (0: keep all)")
+
+    def client_rank(self, spec: AdapterSpec, partition: int, declared: int | None = None) -> int:
+        if declared is not None:
+            return int(declared)  # the node's own rank (its memory budget)
+        ranks = self.options["ranks"]
+        return int(ranks[partition % len(ranks)])
 
     def _check_options(self) -> None:
         super()._check_options()
+        ranks = self.options["ranks"]
+        if not isinstance(ranks, list) or not ranks or not all(is_int(r) and r >= 1 for r in ranks):
+            raise ValueError(f"flora: ranks must be a non-empty list of integers >= 1, got {ranks!r}")
         if not isinstance(self.options["compress"], bool):
             raise ValueError(f"flora: compress must be true/false, got {self.options['compress']!r}")
         rtol = self.options["rtol"]
@@ -103,7 +123,8 @@ class FLoRA(Method):
         keep = int((s > self.options["rtol"] * s[0]).sum())
         return as_factor(u[:, :keep] * s[:keep]), as_factor(vt[:keep])
 
-    def downlink(self, state: GlobalState, *, first_contact: bool = False) -> Factors:
+    def downlink(self, state: GlobalState, *, first_contact: bool = False,
+                 rank: int | None = None) -> Factors:
         return {m: {"B": f["B"], "A": f["A"]} for m, f in state.factors.items()}
 
     def client_start(

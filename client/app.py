@@ -19,9 +19,10 @@ import secrets
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedlora.aggregation import SEP
 from fedlora.privacy import (
     BudgetExhausted,
     DPSettings,
@@ -43,7 +44,7 @@ from .train import gradient_estimate, train_plain, train_private
 
 _log = logging.getLogger(__name__)
 app = ClientApp()
-_STATE_KEY = "fedlora-fixed-factors"
+_STATE_KEY = "fedlora-kept-factors"
 
 
 def _job(msg: Message) -> tuple[dict[str, Any], ConfigRecord]:
@@ -65,14 +66,9 @@ class _Node:
         physical = node_cfg.get("max-physical-batch",
                                 cfg["privacy"].get("max_physical_batch_size"))
         self.max_physical_batch = None if physical in (None, "") else int(physical)
-        strategy = cfg["strategy"]
-        if strategy["name"] != "flora":
-            self.rank = int(strategy["rank"])  # one shared rank: the server expects it
-        elif "lora-rank" in node_cfg:  # FLoRA: the node's own rank (its memory budget)
-            self.rank = int(node_cfg["lora-rank"])
-        else:
-            ranks = list(strategy["ranks"])
-            self.rank = int(ranks[self.partition % len(ranks)])
+        declared = node_cfg.get("lora-rank")
+        self.declared_rank = None if declared in (None, "") else int(declared)
+        self.rank = 0  # set by bind() once the method is known
         self.own_data = "data-path" in node_cfg
         if self.own_data:
             # A deployed node with its own data: all of it is this node's partition.
@@ -80,6 +76,11 @@ class _Node:
             cfg = dict(cfg, data=data_cfg)
             self.partitions, self.partition = 1, 0
         self.cfg = cfg
+
+    def bind(self, runtime: ClientRuntime) -> _Node:
+        """The rank this node trains at, as its method decides (shared or its own)."""
+        self.rank = runtime.method.client_rank(runtime.spec, self.partition, self.declared_rank)
+        return self
 
 
 def _dataset(runtime: ClientRuntime, node: _Node):
@@ -205,6 +206,7 @@ def train(msg: Message, context: Context) -> Message:
     node = _Node(cfg, config, context)
     phase = str(config.get("phase", msgs.PHASE_TRAIN))
     runtime = get_runtime(node.cfg, node.device)
+    node.bind(runtime)
     dataset = _dataset(runtime, node)
     base = {"partition-id": float(node.partition), "num-examples": float(len(dataset)),
             "rank": float(node.rank)}
@@ -214,9 +216,7 @@ def train(msg: Message, context: Context) -> Message:
     seed = _seed(cfg, round_, node.partition)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed + 1)
-    fedsb = "R" in runtime.method.client_trains
-    init_steps = int(cfg["strategy"].get("init_batches", 0)) if fedsb else 0
-    dp = _privacy(runtime, node, len(dataset), init_steps)
+    dp = _privacy(runtime, node, len(dataset), runtime.method.init_round_steps())
     downlink_bytes = msgs.envelope_bytes(msg.content)
     downlink = decode(downlink_bytes)
     cache = None
@@ -238,9 +238,7 @@ def train(msg: Message, context: Context) -> Message:
             return _reply(msg, None, dict(base, refused=1.0),
                           {"reason": f"budget exhausted: {exc}"})
 
-    factors = dict(downlink.factors)
-    if "R" in runtime.method.client_trains:
-        factors = _fixed_factors(context, factors)
+    factors = _with_kept_factors(context, runtime, downlink.factors)
     start = runtime.method.client_start(factors, runtime.spec, rank=node.rank,
                                         seed=seed % 2**31)
     model = runtime.host.start(start, downlink.head)
@@ -276,25 +274,44 @@ def train(msg: Message, context: Context) -> Message:
     return _reply(msg, data, metrics)
 
 
-def _fixed_factors(context: Context, factors):
-    """Fed-SB: B and A arrive once (first contact) and are kept in the node's state."""
-    if "B" in next(iter(factors.values())):
-        fixed = {m: {r: t for r, t in roles.items() if r in ("A", "B")}
-                 for m, roles in factors.items()}
-        context.state[_STATE_KEY] = msgs.envelope_record(
-            encode(Envelope(method="fedsb", round=0, direction="down", factors=fixed))
-        )
-        return factors
+def _with_kept_factors(context: Context, runtime: ClientRuntime, factors):
+    """The downlink completed with the roles the node keeps between rounds (node_keeps).
+
+    They arrive at first contact (e.g. Fed-SB's fixed B and A) and stay in the node's state
+    as arrays; later downlinks carry only what changes.
+    """
+    keeps = runtime.method.node_keeps
+    if not keeps:
+        return dict(factors)
+    first = next(iter(factors.values()), {})
+    if all(role in first for role in keeps):
+        context.state[_STATE_KEY] = ArrayRecord(
+            {f"{m}{SEP}{r}": t.detach().cpu().contiguous()
+             for m, roles in factors.items() for r, t in roles.items() if r in keeps})
+        return dict(factors)
     if _STATE_KEY not in context.state.array_records:
-        raise RuntimeError("Fed-SB: this node never received B and A (first contact lost)")
-    stored = decode(context.state.array_records[_STATE_KEY]["bytes"].numpy().tobytes())
-    return {m: {**stored.factors[m], **roles} for m, roles in factors.items()}
+        raise RuntimeError(f"{runtime.method.name}: this node never received "
+                           f"{'/'.join(keeps)} (its first contact was lost)")
+    kept: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in context.state.array_records[_STATE_KEY].to_torch_state_dict().items():
+        module, _, role = key.partition(SEP)
+        kept.setdefault(module, {})[role] = tensor
+    return {m: {**kept[m], **roles} for m, roles in factors.items()}
+
+
+# What a client can send in an init round, by role: "G" is the (DP) mean gradient of each
+# target weight over init_round_steps() batches (e.g. LoRA-SB's init).
+_INIT_ROLES = ("G",)
 
 
 def _init_round(msg, runtime, node, dataset, dp, round_, generator, base) -> Message:
-    """Fed-SB's LoRA-SB init: a (DP) gradient estimate of every target weight."""
+    """The method's init round: a (DP) gradient estimate of every target weight."""
+    unsupported = sorted(set(runtime.method.init_round_roles) - set(_INIT_ROLES))
+    if unsupported:
+        raise NotImplementedError(f"{runtime.method.name}: the client cannot produce init-round "
+                                  f"roles {unsupported} (it can: {list(_INIT_ROLES)})")
     strategy = runtime.cfg["strategy"]
-    steps = int(strategy["init_batches"])
+    steps = runtime.method.init_round_steps()
     if dp is None:
         settings = DPSettings(noise_multiplier=0.0, max_grad_norm=1e12,
                               sample_rate=int(strategy["batch_size"]) / len(dataset), steps=steps)
@@ -307,7 +324,8 @@ def _init_round(msg, runtime, node, dataset, dp, round_, generator, base) -> Mes
     grads = gradient_estimate(model, runtime.host.linears, dataset, strategy, runtime.task,
                               runtime.device, generator, settings, ledger, round_)
     envelope = Envelope(method=runtime.method.name, round=round_, direction="up",
-                        factors={m: {"G": g} for m, g in grads.items()},
+                        factors={m: {role: g for role in runtime.method.init_round_roles}
+                                 for m, g in grads.items()},
                         num_examples=len(dataset), scaling=runtime.spec.scaling,
                         rank=runtime.spec.rank, fingerprint=runtime.fingerprint, node=node.name)
     data = encode(envelope, runtime.cfg["wire_dtype"])
@@ -321,11 +339,10 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     cfg, config = _job(msg)
     node = _Node(cfg, config, context)
     runtime = get_runtime(node.cfg, node.device)
+    node.bind(runtime)
     dataset = _dataset(runtime, node)
     downlink = decode(msgs.envelope_bytes(msg.content))
-    factors = dict(downlink.factors)
-    if "R" in runtime.method.client_trains:
-        factors = _fixed_factors(context, factors)
+    factors = _with_kept_factors(context, runtime, downlink.factors)
     start = runtime.method.client_start(factors, runtime.spec, rank=node.rank)
     model = runtime.host.start(start, downlink.head)
     result = evaluate(model, dataset, runtime.task, device=runtime.device)

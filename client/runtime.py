@@ -59,8 +59,7 @@ def get_runtime(cfg: Mapping[str, Any], device_name: str) -> ClientRuntime:
     targets = target_module_names(model, list(model_cfg["target_modules"]))
     heads = head_parameter_names(model, list(model_cfg.get("head_modules") or []))
     method = method_from_config(strategy)
-    kind = "sb" if "R" in method.client_trains else "lora"
-    host = AdapterHost(model, targets, heads, kind)
+    host = AdapterHost(model, targets, heads, method.adapter_layer)
     spec = AdapterSpec(shapes=host.shapes(), rank=int(strategy["rank"]),
                        alpha=float(strategy["alpha"]), seed=int(cfg["federation"]["seed"]))
     runtime = ClientRuntime(dict(cfg), device, data, host, method, spec,

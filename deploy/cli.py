@@ -149,6 +149,8 @@ def _methods(rest: list[str]) -> int:
             "bytes_up": 4 * method.uplink_floats(args.d_out, args.d_in, args.rank),
             "bytes_down": 4 * method.downlink_floats(args.d_out, args.d_in, args.rank),
             "summary": method.summary,
+            "options": {k: {"default": d, "help": h}
+                        for k, (d, h) in method.describe_options().items()},
         })
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -163,6 +165,10 @@ def _methods(rest: list[str]) -> int:
         print(f"{r['method']:<8} {r['trains']:<7} {r['up']:<5} {r['down']:<6} "
               f"{str(r['exact']).lower():<6} {r['bytes_up']:>9} {r['bytes_down']:>10}  "
               f"{r['summary']}")
+    print("\noptions (strategy.options.NAME=VALUE):")
+    for r in rows:
+        for key, opt in r["options"].items():
+            print(f"  {r['method']}.{key} = {opt['default']!r}: {opt['help']}")
     return 0
 
 

@@ -3,20 +3,20 @@ Optimization"; Hsu et al. 2019 for server momentum).
 
 For a method whose global factor x is the weighted average of what clients send, in a
 basis that stays put between rounds (it declares those roles in
-``Method.server_step_roles``: ffa's B, fedsb's R, fedavg's A and B), the round's average
+``Method.server_step_roles``: FFA-LoRA's B, Fed-SB's R, FedIT's A and B), the round's average
 minus the previous global value is a pseudo-gradient:
 
     delta_t = sum_k p_k x_k - x_{t-1}
 
 and the server may step on it instead of taking the average as is (heads too):
 
-- ``fedavgm``:  v_t = momentum * v_{t-1} + delta_t;           x_t = x_{t-1} + lr * v_t
-- ``fedadam``:  m_t = beta1 * m_{t-1} + (1 - beta1) * delta_t
+- ``momentum``:  v_t = momentum * v_{t-1} + delta_t;           x_t = x_{t-1} + lr * v_t
+- ``adam``:  m_t = beta1 * m_{t-1} + (1 - beta1) * delta_t
                 v_t = beta2 * v_{t-1} + (1 - beta2) * delta_t^2
                 x_t = x_{t-1} + lr * m_t / (sqrt(v_t) + tau)     (no bias correction, as
                 in the paper; tau bounds the per-coordinate step by about lr)
 
-``none`` (or fedavgm with lr 1 and momentum 0) is plain averaging. Under DP this is
+``none`` (or momentum with lr 1 and momentum 0) is plain averaging. Under DP this is
 post-processing of the clients' private outputs: it costs no privacy. The method's own
 aggregate (and its exactness) is unchanged; the step is applied after it.
 """
@@ -61,7 +61,7 @@ class ServerOptimizer:
                 continue
             x0 = before[name].to(torch.float32)
             delta = after[name].to(torch.float32) - x0
-            if c.name == "fedavgm":
+            if c.name == "momentum":
                 v = self.moments.get(f"v{SEP}{name}", torch.zeros_like(delta))
                 v = c.momentum * v + delta
                 self.moments[f"v{SEP}{name}"] = v

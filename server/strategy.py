@@ -100,7 +100,7 @@ class FedLoraStrategy(Strategy):
             ServerOptimizerConfig.from_config(cfg["strategy"].get("server_optimizer")),
             method.server_step_roles)
         self.nodes: dict[int, NodeInfo] = {}
-        self.contacted: set[int] = set()  # partitions holding Fed-SB's fixed B, A
+        self.contacted: set[int] = set()  # partitions holding the method's node_keeps roles
         self.metrics = MetricsLog(self.run_dir)
         self.timeout = float(self.fed["round_timeout_s"])
         # Nodes start (and import torch) before they first answer: never a short wait.
@@ -108,7 +108,7 @@ class FedLoraStrategy(Strategy):
         self.max_norm = self.fed.get("max_update_norm")
         self._sent_bytes: dict[int, int] = {}
         self._sent_payload: dict[int, int] = {}
-        self._downlink_cache: dict[tuple[int, int, bool], tuple[bytes, int]] = {}
+        self._downlink_cache: dict[tuple[int, int, bool, int | None], tuple[bytes, int]] = {}
         self.init_bytes_up = 0
 
     # -- Flower Strategy interface --------------------------------------------------------
@@ -169,8 +169,8 @@ class FedLoraStrategy(Strategy):
             first = self._restore() + 1
         self.summary()
         self.discover(grid)
-        if first == 1 and "R" in self.method.client_trains and not resume:
-            self._fedsb_init(grid)
+        if first == 1 and self.method.init_round_roles and not resume:
+            self._init_round(grid)
         for server_round in range(first, int(self.fed["rounds"]) + 1):
             row = self.round(grid, server_round)
             if on_round is not None:
@@ -360,10 +360,10 @@ class FedLoraStrategy(Strategy):
 
     def _message(self, info: NodeInfo, server_round: int, phase: str, kind: str,
                  config: ConfigRecord) -> Message:
-        first = "R" in self.method.client_trains and info.partition not in self.contacted
+        first = bool(self.method.node_keeps) and info.partition not in self.contacted
         if kind == MessageType.TRAIN and first:
             self.contacted.add(info.partition)
-        data, payload = self._downlink(server_round, first)
+        data, payload = self._downlink(server_round, first, info.rank)
         self._sent_bytes[info.node_id] = len(data)
         self._sent_payload[info.node_id] = payload
         record = msgs.config_record(self._job(), phase=phase, **{"server-round": server_round},
@@ -373,10 +373,12 @@ class FedLoraStrategy(Strategy):
         content = RecordDict({msgs.ENVELOPE: msgs.envelope_record(data), msgs.CONFIG: record})
         return Message(content, info.node_id, kind)
 
-    def _downlink(self, server_round: int, first_contact: bool) -> tuple[bytes, int]:
-        key = (self.state.round, server_round, first_contact)
+    def _downlink(self, server_round: int, first_contact: bool, rank: int) -> tuple[bytes, int]:
+        # Same state, round, contact and (for per-client ranks) rank: the same envelope.
+        key = (self.state.round, server_round, first_contact,
+               rank if self.method.per_client_rank else None)
         if key not in self._downlink_cache:
-            factors = self.method.downlink(self.state, first_contact=first_contact)
+            factors = self.method.downlink(self.state, first_contact=first_contact, rank=rank)
             envelope = Envelope(method=self.method.name, round=server_round, direction="down",
                                 factors=factors, head=self.state.head,
                                 fingerprint=self.evaluator.fingerprint, rank=self.spec.rank,
@@ -394,12 +396,12 @@ class FedLoraStrategy(Strategy):
     def _expectation(self, server_round: int, node_id: int, roles: Iterable[str] = ()
                      ) -> Expectation:
         info = self.nodes.get(node_id)
-        flora = self.method.name == "flora"
+        own_rank = self.method.per_client_rank
         return Expectation(
             method=self.method.name, round=server_round, direction="up",
             shapes=dict(self.spec.shapes), roles=tuple(self.method.uplink_roles),
-            rank=None if flora else self.spec.rank,
-            max_rank=(info.rank if info else self.spec.rank) if flora else None,
+            rank=None if own_rank else self.spec.rank,
+            max_rank=(info.rank if info else self.spec.rank) if own_rank else None,
             head_shapes={k: tuple(v.shape) for k, v in self.state.head.items()},
             max_bytes=self._max_bytes(), max_norm=self.max_norm,
             fingerprint=self.evaluator.fingerprint,
@@ -415,8 +417,9 @@ class FedLoraStrategy(Strategy):
         head = sum(t.numel() for t in self.state.head.values())
         return 4 * 4 * (floats + head) + 65536
 
-    def _fedsb_init(self, grid: Grid) -> None:
-        """Fed-SB: every client sends a (DP) gradient estimate; the server factorizes."""
+    def _init_round(self, grid: Grid) -> None:
+        """The method's init round: every client sends its init_round_roles (e.g. Fed-SB's
+        DP gradient estimates); the method turns them into the first state."""
         started = time.perf_counter()
         nodes = sorted(self.nodes.values(), key=lambda n: n.partition)
         config = msgs.config_record(self._job(), phase=msgs.PHASE_INIT,
@@ -426,7 +429,7 @@ class FedLoraStrategy(Strategy):
         messages = [Message(RecordDict({msgs.ENVELOPE: msgs.envelope_record(empty),
                                         msgs.CONFIG: config}), n.node_id, MessageType.TRAIN)
                     for n in nodes]
-        replies, _ = self.exchange(grid, messages, 0, label="Fed-SB init",
+        replies, _ = self.exchange(grid, messages, 0, label="init round",
                                    timeout=self.connect_timeout)
         updates, total = [], 0
         for reply in sorted(replies, key=lambda r: self._partition(r.metadata.src_node_id)):
@@ -437,24 +440,23 @@ class FedLoraStrategy(Strategy):
             shapes = dict(self.spec.shapes)
             try:
                 env = decode(data, Expectation(method=self.method.name, round=0, direction="up",
-                                               shapes=shapes, roles=("G",),
+                                               shapes=shapes,
+                                               roles=tuple(self.method.init_round_roles),
                                                max_bytes=8 * sum(o * i for o, i in shapes.values())
                                                + 65536,
                                                fingerprint=self.evaluator.fingerprint))
             except UpdateRejected as exc:
-                _log.warning("Fed-SB init: rejected %s: %s", self._name(reply.metadata.src_node_id),
+                _log.warning("init round: rejected %s: %s", self._name(reply.metadata.src_node_id),
                              exc)
                 continue
             updates.append(ClientUpdate(factors=env.factors, num_examples=env.num_examples,
                                         scaling=env.scaling, node=env.node))
         if not updates:
-            raise RuntimeError("Fed-SB init round: no valid gradient estimate arrived")
-        self.state = self.method.init_from_gradients(
-            self.spec, updates, lr=float(self.cfg["strategy"]["init_lr"]),
-            head=self.evaluator.initial_head,
-        )
+            raise RuntimeError(f"{self.method.name} init round: no valid update arrived")
+        self.state = self.method.init_from_updates(self.spec, updates,
+                                                   head=self.evaluator.initial_head)
         self.init_bytes_up = total
-        self.progress.line(f"Fed-SB init: {len(updates)} gradient estimates, "
+        self.progress.line(f"{self.method.name} init round: {len(updates)} updates, "
                            f"{total / 1e6:.2f} MB up, {time.perf_counter() - started:.1f} s")
 
     def _evaluate(self, grid: Grid, server_round: int) -> dict[str, Any]:
@@ -487,7 +489,7 @@ class FedLoraStrategy(Strategy):
         self.state = state
         self.server_optimizer.load_state_tensors(load_optimizer_state(path))
         self.metrics.truncate(state.round)
-        # Node state (Fed-SB's B, A) does not survive a restart: contact everyone again.
+        # Node state (node_keeps roles) may not survive a restart: contact everyone again.
         self.contacted = set()
         self.progress.line(f"resuming from {path.name} (round {state.round} complete)")
         return state.round

@@ -43,8 +43,8 @@ class AdapterHost:
     """A frozen base model whose adapters are (re)loaded per client and per round."""
 
     def __init__(self, model: nn.Module, targets: list[str], head_params: list[str], kind: str):
-        if kind not in ("lora", "sb"):
-            raise ValueError(f"adapter kind must be 'lora' or 'sb', got {kind!r}")
+        if kind not in ("lora", "lora_sb"):
+            raise ValueError(f"adapter kind must be 'lora' or 'lora_sb', got {kind!r}")
         self.kind = kind
         self.base = model
         self.targets = list(targets)

@@ -75,13 +75,13 @@ def validate(cfg: Mapping[str, Any]) -> None:
                  f"strategy.server_optimizer.name={server_optimizer.name!r} needs a method whose "
                  f"global factors are averaged in a fixed basis; {strategy['name']!r} is not one "
                  f"(it refactorizes or stacks): use server_optimizer.name=none")
-    if strategy.get("name") == "flora":
-        ranks = strategy.get("ranks") or []
-        need(bool(ranks) and all(isinstance(r, int) and r >= 1 for r in ranks),
-             f"strategy.ranks must be a non-empty list of integers >= 1, got {ranks!r}")
-    if strategy.get("name") == "fedsb":
-        number("strategy", "init_batches", 1, integer=True)
-        number("strategy", "init_lr", 0, above=True)
+    options = strategy.get("options") or {}
+    if strategy.get("name") in methods:
+        try:  # the method's typed options validate themselves
+            get_method(strategy["name"], weighting=strategy.get("weighting", "examples"),
+                       **dict(options))
+        except (TypeError, ValueError) as exc:
+            problems.append(f"strategy.options: {exc}")
 
     need(model.get("source") in MODEL_SOURCES,
          f"model.source must be one of {MODEL_SOURCES}, got {model.get('source')!r}")

@@ -81,17 +81,17 @@ class LRSchedule:
         return float(base_lr) * self.factor(round_, rounds)
 
 
-SERVER_OPTIMIZERS: tuple[str, ...] = ("none", "fedavgm", "fedadam")
+SERVER_OPTIMIZERS: tuple[str, ...] = ("none", "momentum", "adam")
 
 
 @dataclass(frozen=True)
 class ServerOptimizerConfig:
     name: str = "none"
     lr: float = 1.0  # server learning rate eta
-    momentum: float = 0.9  # fedavgm
-    beta1: float = 0.9  # fedadam
-    beta2: float = 0.99  # fedadam
-    tau: float = 1e-3  # fedadam: adaptivity floor
+    momentum: float = 0.9  # momentum (FedAvgM)
+    beta1: float = 0.9  # adam (FedAdam)
+    beta2: float = 0.99  # adam (FedAdam)
+    tau: float = 1e-3  # adam (FedAdam): adaptivity floor
 
     def __post_init__(self) -> None:
         if self.name not in SERVER_OPTIMIZERS:

@@ -27,13 +27,13 @@ def _setup(name: str):
     model = build_model(TINY, 4)
     targets = target_module_names(model, ["query", "value"])
     method = get_method(name)
-    kind = "sb" if "R" in method.client_trains else "lora"
+    kind = method.adapter_layer
     host = AdapterHost(model, targets, head_parameter_names(model, ["classifier"]), kind)
     spec = AdapterSpec(shapes=host.shapes(), rank=4, alpha=8)
     state = method.init_state(spec, host.head_state())
     start = method.client_start(method.downlink(state, first_contact=True), spec, rank=4, seed=1)
     host.start(start, state.head)
-    roles = ("A", "B", "R") if kind == "sb" else ("A", "B")
+    roles = ("A", "B", "R") if kind == "lora_sb" else ("A", "B")
     return host, method, start, roles, state
 
 

@@ -41,9 +41,9 @@ def test_schedule_and_optimizer_config_errors() -> None:
     with pytest.raises(ValueError, match="unknown key"):
         LRSchedule.from_config({"kind": "cosine", "min_lr": 0.1})
     with pytest.raises(ValueError, match="momentum must be in"):
-        ServerOptimizerConfig.from_config({"name": "fedavgm", "momentum": 1.0})
+        ServerOptimizerConfig.from_config({"name": "momentum", "momentum": 1.0})
     with pytest.raises(ValueError, match="needs a method"):
-        ServerOptimizer(ServerOptimizerConfig(name="fedadam"), get_method("flora").server_step_roles)
+        ServerOptimizer(ServerOptimizerConfig(name="adam"), get_method("flora").server_step_roles)
 
 
 def _round(method_name: str, seed: int):
@@ -66,8 +66,8 @@ def _round(method_name: str, seed: int):
 def test_server_momentum_and_adam_equal_the_hand_computed_update(method_name: str) -> None:
     method, state, updates = _round(method_name, 0)
     roles = method.server_step_roles
-    momentum = ServerOptimizer(ServerOptimizerConfig(name="fedavgm", lr=0.7, momentum=0.5), roles)
-    adam = ServerOptimizer(ServerOptimizerConfig(name="fedadam", lr=0.01, beta1=0.9, beta2=0.99,
+    momentum = ServerOptimizer(ServerOptimizerConfig(name="momentum", lr=0.7, momentum=0.5), roles)
+    adam = ServerOptimizer(ServerOptimizerConfig(name="adam", lr=0.01, beta1=0.9, beta2=0.99,
                                                  tau=1e-3), roles)
     x0 = state
     v = {}
@@ -111,10 +111,10 @@ def test_no_server_optimizer_is_plain_averaging(tmp_path) -> None:
     averaged = method.aggregate(state, updates)
     assert plain.step(state, averaged) is averaged
     # Moments survive a checkpoint round trip (resume continues the same trajectory).
-    momentum = ServerOptimizer(ServerOptimizerConfig(name="fedavgm"), method.server_step_roles)
+    momentum = ServerOptimizer(ServerOptimizerConfig(name="momentum"), method.server_step_roles)
     stepped = momentum.step(state, averaged)
     save_checkpoint(tmp_path, stepped, {}, optimizer_state=momentum.state_tensors())
-    restored = ServerOptimizer(ServerOptimizerConfig(name="fedavgm"), method.server_step_roles)
+    restored = ServerOptimizer(ServerOptimizerConfig(name="momentum"), method.server_step_roles)
     restored.load_state_tensors(load_optimizer_state(latest_checkpoint(tmp_path)))
     assert restored.moments.keys() == momentum.moments.keys()
     assert all(torch.equal(restored.moments[k], momentum.moments[k]) for k in momentum.moments)
