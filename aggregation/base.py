@@ -24,9 +24,10 @@ import torch
 
 Factors = dict[str, dict[str, torch.Tensor]]
 """module name -> role -> tensor. Roles: "A" (r x d_in), "B" (d_out x r), "R" (r x r) and
-"G" (d_out x d_in full-weight gradient estimate, only in Fed-SB's init round)."""
+"G" (d_out x d_in full-weight gradient estimate, only in Fed-SB's init round), and "U"
+(d_out x m), "V" (m x d_in): a low-rank term U V folded into the frozen weight."""
 
-ROLES: tuple[str, ...] = ("A", "B", "R", "G")
+ROLES: tuple[str, ...] = ("A", "B", "R", "G", "U", "V")
 WEIGHTINGS: tuple[str, ...] = ("examples", "uniform")
 HEAD_PREFIX = "head"
 SEP = "::"
@@ -352,6 +353,15 @@ class Method(ABC):
         del partition, declared  # one shared rank: the server expects it from everyone
         return spec.rank
 
+    def uplink_in_round(self, round: int) -> tuple[str, ...]:
+        """The roles clients send up in training round ``round`` (1-based).
+
+        ``uplink_roles`` lists every role that may travel; a method that alternates what it
+        trains (e.g. one factor per round) narrows it here.
+        """
+        del round
+        return self.uplink_roles
+
     def init_round_steps(self) -> int:
         """Optimizer-free DP steps a client spends in the init round (0: no init round)."""
         return 0
@@ -398,9 +408,11 @@ class Method(ABC):
     # -- client side -------------------------------------------------------------------
     @abstractmethod
     def client_start(
-        self, downlink: Factors, spec: AdapterSpec, *, rank: int | None = None, seed: int = 0
+        self, downlink: Factors, spec: AdapterSpec, *, rank: int | None = None, seed: int = 0,
+        round: int = 1,
     ) -> ClientStart:
-        """How a client turns the downlink into its starting point (fresh tensors)."""
+        """How a client turns the downlink into its starting point (fresh tensors) for
+        training round ``round`` (1-based)."""
 
     # -- math for tests, metrics and export ----------------------------------------------
     @abstractmethod
@@ -420,8 +432,8 @@ class Method(ABC):
         return None
 
     @abstractmethod
-    def uplink_floats(self, d_out: int, d_in: int, rank: int) -> int:
-        """Floats one client sends up per module per round (heads not included)."""
+    def uplink_floats(self, d_out: int, d_in: int, rank: int, *, round: int = 1) -> int:
+        """Floats one client sends up per module in round ``round`` (heads not included)."""
 
     @abstractmethod
     def downlink_floats(
@@ -464,6 +476,7 @@ class Method(ABC):
         self._check_state(state)
         weights = self.weights(updates)
         spec = spec_from_meta(state.meta)
+        expected_roles = self.uplink_in_round(state.round + 1)
         for u in updates:
             who = f"update from node {u.node!r}" if u.node else "update"
             if not isinstance(u.scaling, (int, float)) or not math.isfinite(u.scaling):
@@ -478,10 +491,10 @@ class Method(ABC):
                 raise ValueError(f"{who}: unknown modules {extra}, missing modules {missing}")
             for module, (d_out, d_in) in spec.shapes.items():
                 roles = u.factors[module]
-                if set(roles) != set(self.uplink_roles):
+                if set(roles) != set(expected_roles):
                     raise ValueError(
                         f"{who}, module {module!r}: roles {sorted(roles)}, "
-                        f"expected {list(self.uplink_roles)}"
+                        f"expected {list(expected_roles)}"
                     )
                 r = spec.rank
                 if not fixed_rank:  # FLoRA: the client's own rank r_k, read off its A_k
@@ -489,7 +502,7 @@ class Method(ABC):
                     if r < 1:
                         raise ValueError(f"{who}, module {module!r}: A must be r_k x d_in, r_k >= 1")
                 want = {"A": (r, d_in), "B": (d_out, r), "R": (r, r), "G": (d_out, d_in)}
-                for role in self.uplink_roles:
+                for role in expected_roles:
                     if tuple(roles[role].shape) != want[role]:
                         raise ValueError(
                             f"{who}, module {module!r}, role {role}: shape "

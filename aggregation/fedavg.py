@@ -75,7 +75,8 @@ class FedAvg(Method):
         return {m: {"A": f["A"], "B": f["B"]} for m, f in state.factors.items()}
 
     def client_start(
-        self, downlink: Factors, spec: AdapterSpec, *, rank: int | None = None, seed: int = 0
+        self, downlink: Factors, spec: AdapterSpec, *, rank: int | None = None, seed: int = 0,
+        round: int = 1,
     ) -> ClientStart:
         r = self._fixed_rank(spec, rank)
         require_downlink(downlink, spec, ("A", "B"))
@@ -110,7 +111,7 @@ class FedAvg(Method):
             out[m] = max(sq, 0.0) ** 0.5
         return out
 
-    def uplink_floats(self, d_out: int, d_in: int, rank: int) -> int:
+    def uplink_floats(self, d_out: int, d_in: int, rank: int, *, round: int = 1) -> int:
         return rank * (d_in + d_out)
 
     def downlink_floats(

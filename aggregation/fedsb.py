@@ -200,7 +200,8 @@ class FedSB(Method):
         return {m: {k: f[k] for k in roles} for m, f in state.factors.items()}
 
     def client_start(
-        self, downlink: Factors, spec: AdapterSpec, *, rank: int | None = None, seed: int = 0
+        self, downlink: Factors, spec: AdapterSpec, *, rank: int | None = None, seed: int = 0,
+        round: int = 1,
     ) -> ClientStart:
         """init holds R, plus B and A when the downlink carries them (first contact);
         otherwise the client keeps the B and A it cached at first contact."""
@@ -224,7 +225,7 @@ class FedSB(Method):
         f = state.factors[module]
         return update.scaling * (f["B"] @ update.factors[module]["R"].to(f["B"].dtype)), f["A"]
 
-    def uplink_floats(self, d_out: int, d_in: int, rank: int) -> int:
+    def uplink_floats(self, d_out: int, d_in: int, rank: int, *, round: int = 1) -> int:
         return rank * rank
 
     def downlink_floats(

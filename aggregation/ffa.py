@@ -73,7 +73,8 @@ class FFA(Method):
         return {m: {"B": f["B"]} for m, f in state.factors.items()}
 
     def client_start(
-        self, downlink: Factors, spec: AdapterSpec, *, rank: int | None = None, seed: int = 0
+        self, downlink: Factors, spec: AdapterSpec, *, rank: int | None = None, seed: int = 0,
+        round: int = 1,
     ) -> ClientStart:
         r = self._fixed_rank(spec, rank)
         require_downlink(downlink, spec, ("B",))
@@ -94,7 +95,7 @@ class FFA(Method):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return update.scaling * update.factors[module]["B"], state.factors[module]["A"]
 
-    def uplink_floats(self, d_out: int, d_in: int, rank: int) -> int:
+    def uplink_floats(self, d_out: int, d_in: int, rank: int, *, round: int = 1) -> int:
         return d_out * rank
 
     def downlink_floats(

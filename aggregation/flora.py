@@ -128,7 +128,8 @@ class FLoRA(Method):
         return {m: {"B": f["B"], "A": f["A"]} for m, f in state.factors.items()}
 
     def client_start(
-        self, downlink: Factors, spec: AdapterSpec, *, rank: int | None = None, seed: int = 0
+        self, downlink: Factors, spec: AdapterSpec, *, rank: int | None = None, seed: int = 0,
+        round: int = 1,
     ) -> ClientStart:
         r = spec.rank if rank is None else rank
         if not is_int(r) or r < 1:
@@ -166,7 +167,7 @@ class FLoRA(Method):
             torch.cat([f["A"].float(), g["A"].float()], 0),
         )
 
-    def uplink_floats(self, d_out: int, d_in: int, rank: int) -> int:
+    def uplink_floats(self, d_out: int, d_in: int, rank: int, *, round: int = 1) -> int:
         return rank * (d_in + d_out)
 
     def downlink_floats(

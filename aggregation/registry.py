@@ -1,4 +1,8 @@
-"""Method registry: the five built-ins plus plug-ins from the ``fedlora.methods`` entry points.
+"""Method registry: the built-ins plus plug-ins from the ``fedlora.methods`` entry points.
+
+A built-in method is one file in this package: every concrete Method subclass defined in
+a module of fedlora.aggregation is registered when the registry is first used, so adding
+a method touches no other file.
 
 A third-party package adds a method by declaring, in its own pyproject::
 
@@ -11,17 +15,14 @@ broken plug-in only produces a warning: one bad package must not take the server
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import pkgutil
 import warnings
 from importlib.metadata import entry_points
 from typing import Any
 
 from .base import Method
-from .fedavg import FedAvg
-from .fedsb import FedSB
-from .fedsvd import FedSVD
-from .ffa import FFA
-from .flora import FLoRA
 
 ENTRY_POINT_GROUP = "fedlora.methods"
 
@@ -82,5 +83,17 @@ def get_method(name: str, **options: Any) -> Method:
     return cls(**options)
 
 
-for _cls in (FedAvg, FFA, FLoRA, FedSVD, FedSB):
-    register_method(_cls)
+def _register_builtins() -> None:
+    """Every concrete Method defined in a module of this package (one file per method)."""
+    package = __name__.rpartition(".")[0]
+    for info in pkgutil.iter_modules(importlib.import_module(package).__path__):
+        if info.name in ("base", "registry") or info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{package}.{info.name}")
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if (issubclass(cls, Method) and cls.__module__ == module.__name__
+                    and not inspect.isabstract(cls)):
+                register_method(cls)
+
+
+_register_builtins()

@@ -240,7 +240,7 @@ def train(msg: Message, context: Context) -> Message:
 
     factors = _with_kept_factors(context, runtime, downlink.factors)
     start = runtime.method.client_start(factors, runtime.spec, rank=node.rank,
-                                        seed=seed % 2**31)
+                                        seed=seed % 2**31, round=round_)
     model = runtime.host.start(start, downlink.head)
     strategy = dict(cfg["strategy"], lr=round_lr(cfg, round_))
     try:
@@ -255,9 +255,10 @@ def train(msg: Message, context: Context) -> Message:
         _log.warning("%s refuses round %d: %s", node.name, round_, exc)
         metrics = dict(base, refused=1.0, **_privacy_metrics(dp, None))
         return _reply(msg, None, metrics, {"reason": f"budget exhausted: {exc}"})
+    _keep_trained(context, runtime, start.trainable)
     envelope = Envelope(
         method=runtime.method.name, round=round_, direction="up",
-        factors=runtime.host.factors(runtime.method.uplink_roles),
+        factors=runtime.host.factors(runtime.method.uplink_in_round(round_)),
         head=runtime.host.head_state(), num_examples=len(dataset), scaling=start.scaling,
         rank=start.rank, fingerprint=runtime.fingerprint, node=node.name,
         privacy=_envelope_privacy(dp, result.epsilon),
@@ -302,6 +303,20 @@ def _with_kept_factors(context: Context, runtime: ClientRuntime, factors):
 # What a client can send in an init round, by role: "G" is the (DP) mean gradient of each
 # target weight over init_round_steps() batches (e.g. LoRA-SB's init).
 _INIT_ROLES = ("G",)
+
+
+def _keep_trained(context: Context, runtime: ClientRuntime, trained: tuple[str, ...]) -> None:
+    """Kept roles that this round trained (a personalized factor) are kept as trained."""
+    keeps = [r for r in runtime.method.node_keeps if r in trained]
+    if not keeps:
+        return
+    stored = {}
+    if _STATE_KEY in context.state.array_records:
+        stored = context.state.array_records[_STATE_KEY].to_torch_state_dict()
+    for module, roles in runtime.host.factors(tuple(keeps)).items():
+        for role, tensor in roles.items():
+            stored[f"{module}{SEP}{role}"] = tensor.contiguous()
+    context.state[_STATE_KEY] = ArrayRecord(stored)
 
 
 def _init_round(msg, runtime, node, dataset, dp, round_, generator, base) -> Message:

@@ -32,12 +32,13 @@ Factors = dict[str, dict[str, torch.Tensor]]
 SCHEMA_VERSION = 1
 WIRE_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 DIRECTIONS: tuple[str, ...] = ("up", "down")
-FACTOR_ROLES: tuple[str, ...] = ("A", "B", "R", "G")
+FACTOR_ROLES: tuple[str, ...] = ("A", "B", "R", "G", "U", "V")
 PRIVACY_FIELDS: tuple[str, ...] = (
     "epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "steps", "accountant",
 )
 
-_ROLE_PB = {"A": pb.ROLE_A, "B": pb.ROLE_B, "R": pb.ROLE_R, "G": pb.ROLE_G, "HEAD": pb.ROLE_HEAD}
+_ROLE_PB = {"A": pb.ROLE_A, "B": pb.ROLE_B, "R": pb.ROLE_R, "G": pb.ROLE_G, "HEAD": pb.ROLE_HEAD,
+            "U": pb.ROLE_U, "V": pb.ROLE_V}
 _PB_ROLE = {v: k for k, v in _ROLE_PB.items()}
 _DIR_PB = {"up": pb.DIRECTION_UP, "down": pb.DIRECTION_DOWN}
 _PB_DIR = {v: k for k, v in _DIR_PB.items()}

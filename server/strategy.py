@@ -399,21 +399,22 @@ class FedLoraStrategy(Strategy):
         own_rank = self.method.per_client_rank
         return Expectation(
             method=self.method.name, round=server_round, direction="up",
-            shapes=dict(self.spec.shapes), roles=tuple(self.method.uplink_roles),
+            shapes=dict(self.spec.shapes), roles=tuple(self.method.uplink_in_round(server_round)),
             rank=None if own_rank else self.spec.rank,
             max_rank=(info.rank if info else self.spec.rank) if own_rank else None,
             head_shapes={k: tuple(v.shape) for k, v in self.state.head.items()},
-            max_bytes=self._max_bytes(), max_norm=self.max_norm,
+            max_bytes=self._max_bytes(server_round), max_norm=self.max_norm,
             fingerprint=self.evaluator.fingerprint,
         )
 
-    def _max_bytes(self) -> int:
+    def _max_bytes(self, server_round: int) -> int:
         configured = self.fed.get("max_update_bytes")
         if configured:
             return int(configured)
         # Four times the largest legitimate float32 update, plus room for metadata.
         rank = max([self.spec.rank] + [n.rank for n in self.nodes.values()])
-        floats = sum(self.method.uplink_floats(o, i, rank) for o, i in self.spec.shapes.values())
+        floats = sum(self.method.uplink_floats(o, i, rank, round=server_round)
+                     for o, i in self.spec.shapes.values())
         head = sum(t.numel() for t in self.state.head.values())
         return 4 * 4 * (floats + head) + 65536
 

@@ -21,6 +21,8 @@ class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROLE_R: _ClassVar[Role]
     ROLE_G: _ClassVar[Role]
     ROLE_HEAD: _ClassVar[Role]
+    ROLE_U: _ClassVar[Role]
+    ROLE_V: _ClassVar[Role]
 
 class WireDType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -37,6 +39,8 @@ ROLE_B: Role
 ROLE_R: Role
 ROLE_G: Role
 ROLE_HEAD: Role
+ROLE_U: Role
+ROLE_V: Role
 WIRE_DTYPE_UNSPECIFIED: WireDType
 WIRE_DTYPE_FLOAT32: WireDType
 WIRE_DTYPE_FLOAT16: WireDType
