@@ -190,7 +190,21 @@ def _privacy(rest: list[str]) -> int:
         print(f"fedlora: no privacy ledger under {directory} (was privacy=dp on?)",
               file=sys.stderr)
         return 1
-    print(json.dumps(rows, indent=1) if args.json else format_privacy_table(rows))
+    summary_path = args.run_dir / "summary.json"
+    statement = None
+    if summary_path.is_file():
+        statement = json.loads(summary_path.read_text()).get("privacy_statement")
+    if args.json:
+        print(json.dumps({"statement": statement, "ledgers": rows}, indent=1))
+        return 0
+    if statement:
+        for key, value in statement.items():
+            text = ", ".join(value) if isinstance(value, list) else value
+            if isinstance(value, dict):
+                text = "; ".join(f"{k}: {v}" for k, v in value.items())
+            print(f"{key.replace('_', ' ')}: {text}")
+        print()
+    print(format_privacy_table(rows))
     return 0
 
 

@@ -32,7 +32,9 @@ def prepare_run(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     job = dict(cfg)
     job.pop("hydra", None)
     job["run_dir"] = str(run_dir)
-    job["ledger_dir"] = str(run_dir / "privacy")
+    # Simulated nodes keep their ledgers under the run directory unless the job names a
+    # ledger directory (several runs of one federation then share their budgets).
+    job["ledger_dir"] = str(job["privacy"].get("ledger_dir") or run_dir / "privacy")
     validate(job)
     try:
         sizes = partition_sizes(job)

@@ -16,6 +16,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.aggregation import get_method
+from fedlora.task.release import privacy_statement
 
 from .evaluation import CentralEvaluator
 from .report import plot, summarize, summary_table, write_json_atomic
@@ -65,23 +66,12 @@ def run_server(grid: Grid, cfg: dict[str, Any], *, resume: bool = False) -> dict
     if cfg["privacy"].get("enabled"):
         extra["delta"] = float(cfg["privacy"]["delta"])
         extra["epsilon_target"] = float(cfg["privacy"]["epsilon"])
+        extra["privacy_statement"] = privacy_statement(cfg)
     summary = summarize(strategy.metrics.rows, method.name, extra)
     write_json_atomic(run_dir / "summary.json", summary)
     plot(strategy.metrics.rows, run_dir)
     strategy.progress.line("finished; run directory " + str(run_dir) + "\n" + summary_table(summary))
     return summary
-
-
-def server_app_for(cfg: dict[str, Any], *, resume: bool = False) -> ServerApp:
-    """A ServerApp bound to an in-memory config (used by fedlora simulate)."""
-    bound = ServerApp()
-
-    @bound.main()
-    def _main(grid: Grid, context: Context) -> None:
-        del context
-        run_server(grid, cfg, resume=resume)
-
-    return bound
 
 
 app = ServerApp()

@@ -9,6 +9,7 @@ skip the round), evaluate centrally, write metrics and a checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import sys
@@ -44,7 +45,7 @@ _log = logging.getLogger(__name__)
 class NodeInfo:
     node_id: int
     partition: int
-    examples: int
+    examples: int | None  # None: the node did not release its size (DP)
     rank: int
 
     @property
@@ -61,6 +62,15 @@ class RoundOutcome:
     lost: list[dict[str, str]] = field(default_factory=list)
     bytes_up: int = 0
     adapter_bytes_up: int = 0
+
+
+def released_weights(updates: list[ClientUpdate]) -> list[ClientUpdate]:
+    """Example counts as released: a count of 0 means "not released" (a private node that
+    declared no public size), and then every client of the round weighs the same: mixing
+    counts with placeholders would be meaningless, and guessing a size would leak it."""
+    if all(u.num_examples > 0 for u in updates):
+        return updates
+    return [dataclasses.replace(u, num_examples=1) for u in updates]
 
 
 class Progress:
@@ -228,8 +238,9 @@ class FedLoraStrategy(Strategy):
                          len(outcome.updates), int(self.fed["min_clients"]))
             self.state = GlobalState(server_round, before.factors, before.head, before.meta)
             return True, None
-        averaged = self.method.aggregate(before, outcome.updates)
-        errors = self.method.aggregation_error(before, outcome.updates, averaged)
+        updates = released_weights(outcome.updates)
+        averaged = self.method.aggregate(before, updates)
+        errors = self.method.aggregation_error(before, updates, averaged)
         # The method's aggregate is exact (or its error is reported) before this step.
         self.state = self.server_optimizer.step(before, averaged)
         return False, None if errors is None else float(sum(e * e for e in errors.values()) ** 0.5)
@@ -261,8 +272,9 @@ class FedLoraStrategy(Strategy):
                                    f"{reply.error.reason}")
             metrics = reply.content.metric_records[msgs.METRICS]
             node_id = reply.metadata.src_node_id
-            self.nodes[node_id] = NodeInfo(node_id, int(metrics["partition-id"]),
-                                           int(metrics["num-examples"]), int(metrics["rank"]))
+            examples = int(metrics["num-examples"]) if "num-examples" in metrics else None
+            self.nodes[node_id] = NodeInfo(node_id, int(metrics["partition-id"]), examples,
+                                           int(metrics["rank"]))
         if missing:
             _log.warning("%d nodes did not answer the discovery message", len(missing))
         partitions = sorted(n.partition for n in self.nodes.values())
@@ -331,16 +343,18 @@ class FedLoraStrategy(Strategy):
                                                 num_examples=envelope.num_examples,
                                                 scaling=envelope.scaling, head=envelope.head,
                                                 node=name))
-            client = {"node": name, "_node_id": node_id, "examples": envelope.num_examples,
+            # Only what the client released: under DP no training loss and no example count
+            # unless the node declared one public (client/release.py).
+            client = {"node": name, "_node_id": node_id,
+                      "examples": envelope.num_examples or None,
                       "bytes_up": len(data), "adapter_bytes_up": payload,
-                      "train_loss": float(metrics.get("train-loss", float("nan"))),
                       "rank": envelope.rank}
+            if "train-loss" in metrics:
+                client["train_loss"] = float(metrics["train-loss"])
             if "epsilon" in metrics:
                 client.update({
                     "epsilon": float(metrics["epsilon"]), "delta": float(metrics["delta"]),
-                    "noise_multiplier": float(metrics["noise-multiplier"]),
                     "max_grad_norm": float(metrics["max-grad-norm"]),
-                    "sample_rate": float(metrics["sample-rate"]),
                     "steps": int(metrics["steps"]),
                 })
             outcome.clients.append(client)
@@ -454,7 +468,7 @@ class FedLoraStrategy(Strategy):
                                         scaling=env.scaling, node=env.node))
         if not updates:
             raise RuntimeError(f"{self.method.name} init round: no valid update arrived")
-        self.state = self.method.init_from_updates(self.spec, updates,
+        self.state = self.method.init_from_updates(self.spec, released_weights(updates),
                                                    head=self.evaluator.initial_head)
         self.init_bytes_up = total
         self.progress.line(f"{self.method.name} init round: {len(updates)} updates, "

@@ -114,9 +114,6 @@ class AdapterHost:
     def head_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().float().cpu().clone() for n, p in self.head.items()}
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
     def shapes(self) -> dict[str, tuple[int, int]]:
         return {n: (lin.out_features, lin.in_features) for n, lin in self.linears.items()}
 

@@ -1,0 +1,57 @@
+"""Factors a node keeps between rounds, as arrays in its Flower node state.
+
+A method declares them in ``node_keeps``: roles that arrive once at first contact (e.g.
+Fed-SB's fixed B and A) and personalized roles the node trains and never sends (e.g.
+FedSA-LoRA's B). Later downlinks carry only what changes; the node fills in the rest.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, Context
+
+from fedlora.aggregation import SEP, Factors
+
+from .runtime import ClientRuntime
+
+STATE_KEY = "fedlora-kept-factors"
+
+
+def _stored(context: Context) -> dict[str, torch.Tensor]:
+    if STATE_KEY not in context.state.array_records:
+        return {}
+    return context.state.array_records[STATE_KEY].to_torch_state_dict()
+
+
+def with_kept_factors(context: Context, runtime: ClientRuntime, factors: Factors) -> Factors:
+    """The downlink completed with the roles the node keeps (node_keeps)."""
+    keeps = runtime.method.node_keeps
+    if not keeps:
+        return dict(factors)
+    first = next(iter(factors.values()), {})
+    if all(role in first for role in keeps):  # first contact: remember them
+        context.state[STATE_KEY] = ArrayRecord(
+            {f"{m}{SEP}{r}": t.detach().cpu().contiguous()
+             for m, roles in factors.items() for r, t in roles.items() if r in keeps})
+        return dict(factors)
+    stored = _stored(context)
+    if not stored:
+        raise RuntimeError(f"{runtime.method.name}: this node never received "
+                           f"{'/'.join(keeps)} (its first contact was lost)")
+    kept: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in stored.items():
+        module, _, role = key.partition(SEP)
+        kept.setdefault(module, {})[role] = tensor
+    return {m: {**kept[m], **roles} for m, roles in factors.items()}
+
+
+def keep_trained(context: Context, runtime: ClientRuntime, trained: tuple[str, ...]) -> None:
+    """Kept roles that this round trained (a personalized factor) are kept as trained."""
+    keeps = tuple(r for r in runtime.method.node_keeps if r in trained)
+    if not keeps:
+        return
+    stored = _stored(context)
+    for module, roles in runtime.host.factors(keeps).items():
+        for role, tensor in roles.items():
+            stored[f"{module}{SEP}{role}"] = tensor.contiguous()
+    context.state[STATE_KEY] = ArrayRecord(stored)

@@ -1,0 +1,123 @@
+"""What a client releases, field by field, and the check that keeps it that way under DP
+(shared: the client checks its replies against it, the server states it in the report).
+
+The DP guarantee (sample-level, add/remove adjacency: one example added to or removed
+from one node's training set) covers the adapter update that leaves a node: clipped,
+noised and accounted. Under DP every other value in a reply must be either
+
+- public: fixed by the job or node config, or by the shapes (partition id, rank, bytes,
+  budget, clip norm, delta, step count, the accountant's name); or
+- accounted: the privacy spent itself (epsilon, rounded up: never reported below what
+  was spent); or
+- declared public by the data owner: the training-set size, only when the node config
+  sets ``public-num-examples`` (that declared value is what is sent, not the true one).
+
+Withheld under DP: the training loss (a function of the private examples outside the
+mechanism: it stays in the node's log), the exact example count (it changes by one with
+one example), the sample rate q = b / N_k and the noise multiplier (both functions of
+N_k), and the training time (it grows with the sampled batch sizes). The server then
+weighs clients uniformly unless every node of the round declared a size.
+
+A field that is in none of these lists makes :func:`check_release` raise: a new reply
+field must be classified here before a private client may send it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+PUBLIC_METRICS: dict[str, str] = {
+    "partition-id": "node config",
+    "rank": "job or node config (the method's rank rule)",
+    "bytes-up": "fixed by the shapes, the head and the wire dtype",
+    "refused": "the node's own refusal (budget, ledger): a consequence of accounted spend",
+    "epsilon-budget": "job or node config (the stricter epsilon)",
+    "delta": "job config",
+    "max-grad-norm": "job config",
+    "steps": "job config: local_steps per round trained (and init-round steps)",
+}
+ACCOUNTED_METRICS: dict[str, str] = {
+    "epsilon": "the accountant's replay of the node's ledger, rounded up to 2 decimals",
+}
+DECLARED_METRICS: dict[str, str] = {
+    "num-examples": "only the value of node config public-num-examples",
+}
+# Envelope fields (protos/fedlora/v1/adapter.proto) and their status under DP.
+ENVELOPE_FIELDS: dict[str, str] = {
+    "method": "public", "round": "public", "direction": "public", "fingerprint": "public",
+    "node": "public", "rank": "public", "scaling": "public",
+    "factors": "accounted (the DP-SGD output)", "head": "accounted (trained under DP-SGD)",
+    "num_examples": "declared (public-num-examples) or 0 = not released",
+    "privacy": "public or accounted (see PRIVACY_FIELDS)",
+}
+PRIVACY_FIELDS: dict[str, str] = {
+    "epsilon": "accounted (rounded up)", "delta": "public", "max_grad_norm": "public",
+    "steps": "public", "accountant": "public",
+}
+
+
+class UnclassifiedRelease(RuntimeError):
+    """A private client was about to send a field nobody classified."""
+
+
+def round_up(epsilon: float, decimals: int = 2) -> float:
+    """Epsilon rounded up: coarse enough not to pin down q = b / N_k, never below the spend."""
+    scale = 10 ** decimals
+    return math.ceil(epsilon * scale - 1e-9) / scale
+
+
+def check_release(metrics: Mapping[str, Any], envelope_fields: Mapping[str, Any] | None,
+                  privacy: Mapping[str, Any] | None, *, declared_size: bool) -> None:
+    """Raise :class:`UnclassifiedRelease` for any field a private reply may not carry."""
+    allowed = {**PUBLIC_METRICS, **ACCOUNTED_METRICS}
+    if declared_size:
+        allowed.update(DECLARED_METRICS)
+    bad = sorted(set(metrics) - set(allowed))
+    if envelope_fields is not None:
+        bad += [f"envelope.{k}" for k in sorted(set(envelope_fields) - set(ENVELOPE_FIELDS))]
+    if privacy is not None:
+        bad += [f"envelope.privacy.{k}" for k in sorted(set(privacy) - set(PRIVACY_FIELDS))]
+    if bad:
+        raise UnclassifiedRelease(
+            f"a private reply may not carry {bad}: each field must be public, accounted or "
+            "declared public by the data owner (fedlora/task/release.py)")
+
+
+def released_privacy(epsilon: float, setup: Any) -> dict[str, float | int | str]:
+    """The envelope's privacy message under DP: accounted and public figures only."""
+    return {"epsilon": round_up(epsilon), "delta": setup.ledger.delta,
+            "max_grad_norm": setup.settings.max_grad_norm, "steps": int(setup.ledger.steps),
+            "accountant": setup.ledger.mechanism}
+
+
+def released_metrics(epsilon: float, setup: Any) -> dict[str, float]:
+    """The same figures as reply metrics (numbers only), plus the node's budget."""
+    spent = released_privacy(epsilon, setup)
+    metrics = {k.replace("_", "-"): float(v) for k, v in spent.items() if k != "accountant"}
+    metrics["epsilon-budget"] = float(setup.budget)
+    return metrics
+
+
+def privacy_statement(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """What a private run's guarantee protects, what each round releases, what is public."""
+    privacy = cfg["privacy"]
+    return {
+        "guarantee": (f"sample-level ({privacy['epsilon']}, {privacy['delta']})-DP per node "
+                      "(DP-SGD, Opacus, accountant " + str(privacy["accountant"]) + "); the run's "
+                      "guarantee is the max over nodes, whose data are disjoint"),
+        "adjacency": "add/remove one training example at one node (Poisson sampling)",
+        "protects": ("each example of a node's training data, against anyone who sees what "
+                     "the node sends: the server, other nodes, an eavesdropper on the wire"),
+        "does_not_protect": ("a whole node's data (that is client-level DP), the fact that a "
+                             "node takes part, or anything the data owner declares public"),
+        "released_per_round": ["the adapter update (clipped, noised, accounted)",
+                               "the head parameters (trained under the same DP-SGD)",
+                               "epsilon spent (accounted, rounded up to 2 decimals)"],
+        "public": sorted(PUBLIC_METRICS),
+        "declared_public_if_set": {"num-examples": DECLARED_METRICS["num-examples"]},
+        "withheld": ["training loss (node log only)", "exact example count",
+                     "sample rate q = b / N_k", "noise multiplier", "training time"],
+        "weighting": ("uniform unless every node of a round declared public-num-examples"),
+    }
