@@ -1,139 +1,130 @@
 """Accuracy vs privacy for every method on MiniLM / BBC News, through the real system.
 
-Runs `fedlora simulate -m` over strategy x privacy (none, epsilon 8, 3, 1) for each seed,
-with every method at its config defaults (the same tuning effort for each: none beyond
-the defaults), then writes docs/RESULTS.md (table) and docs/results.png (accuracy vs
-epsilon per method, bytes per round per method).
+Each cell is `fedlora simulate strategy=M privacy=P federation.seed=S` plus the fixed
+overrides (default: sequence length 32): with privacy=dp_epsN the method's tuned recipe
+(conf/recipe/M_dp_epsN.yaml) applies; privacy=none runs the method's defaults. The sweep
+is resumable and incremental: each finished run is appended to --results at once and a
+rerun skips finished cells, so the table can grow over several sessions. --collect-only
+rewrites the generated section of docs/RESULTS.md (between its markers) and
+docs/results.png (accuracy vs epsilon, per-round curves) from what has finished.
 
-Usage: python bench/quality.py [--seeds 0 1] [--rounds 5] [--privacy none dp_eps8 ...]
-       [--out docs/RESULTS.md] [--sweep-dir DIR] [--collect-only] [extra hydra overrides]
+Usage: python bench/quality.py [--methods ...] [--privacy none dp_eps8 ...] [--seeds 0 1]
+       [--results bench/results/quality.jsonl] [--collect-only] [-- extra overrides]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from fedlora.deploy.tune import read_results, run_trials, trial_key
 
 METHODS = ["fedavg", "ffa", "flora", "fedsvd", "fedsb"]
 PRIVACY = ["none", "dp_eps8", "dp_eps3", "dp_eps1"]
+EPSILON = {"none": None, "dp_eps8": 8.0, "dp_eps3": 3.0, "dp_eps1": 1.0}
 ROOT = Path(__file__).resolve().parents[1]
+FIXED = ["model.max_length=32"]
 
 
-def run_sweep(seed: int, rounds: int, sweep_dir: Path, extra: list[str],
-              privacy: list[str]) -> None:
-    cmd = [sys.executable, "-m", "fedlora.deploy.cli", "simulate", "-m",
-           f"strategy={','.join(METHODS)}", f"privacy={','.join(privacy)}",
-           f"federation.seed={seed}", f"federation.rounds={rounds}",
-           f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.num}", *extra]
-    print("running:", " ".join(cmd), flush=True)
-    started = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True)
-    print(f"seed {seed}: {time.perf_counter() - started:.0f} s", flush=True)
+BEGIN, END = "<!-- bench/quality.py: begin -->", "<!-- bench/quality.py: end -->"
 
 
-def collect(sweep_dirs: list[Path]) -> list[dict]:
-    rows = []
-    for sweep in sweep_dirs:
-        for run in sorted(p for p in sweep.iterdir() if (p / "summary.json").is_file()):
-            cfg = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=True)
-            summary = json.loads((run / "summary.json").read_text())
-            privacy = cfg["privacy"]
-            rows.append({
-                "method": summary["method"],
-                "epsilon": float(privacy["epsilon"]) if privacy.get("enabled") else None,
-                "seed": cfg["federation"]["seed"],
-                "final_accuracy": summary["final_accuracy"],
-                "best_accuracy": summary["best_accuracy"],
-                "epsilon_spent": summary.get("epsilon_max"),
-                "bytes_per_round": (summary["bytes_up_total"] + summary["bytes_down_total"])
-                / summary["rounds"],
-                "wall_seconds": summary["wall_seconds"],
-                "rounds": summary["rounds"],
-            })
-    return rows
+def privacy_of(row: dict) -> str:
+    return next((o.split("=", 1)[1] for o in row["overrides"] if o.startswith("privacy=")),
+                "none")
 
 
-def _label(eps: float | None) -> str:
-    return "none" if eps is None else f"{eps:g}"
+def cell_key(method: str, privacy: str, seed: int, fixed: list[str]) -> str:
+    return trial_key([*fixed, f"strategy={method}", f"privacy={privacy}",
+                      f"federation.seed={seed}"])
 
 
-def write_report(rows: list[dict], out: Path, command: str) -> None:
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f} (1 seed)"
+    return f"{statistics.mean(values):.3f} [{min(values):.3f}-{max(values):.3f}]"
+
+
+def write_report(rows_by_key: dict, methods: list[str], privacy: list[str], seeds: list[int],
+                 fixed: list[str], out: Path, command: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epsilons = [None, 8.0, 3.0, 1.0]
-    table = {}
-    for method in METHODS:
-        for eps in epsilons:
-            accs = [r["final_accuracy"] for r in rows if r["method"] == method
-                    and r["epsilon"] == eps]
-            table[method, eps] = accs
-    seeds = sorted({r["seed"] for r in rows})
-    lines = [
-        "# Results: accuracy vs privacy on MiniLM / BBC News",
-        "",
-        f"Produced by `{command}` (bench/quality.py). Every run is a real `fedlora simulate`",
-        "(Flower simulation runtime, Opacus DP-SGD): all-MiniLM-L6-v2, BBC News, 10 clients,",
-        f"Dirichlet 0.5, {rows[0]['rounds'] if rows else '?'} rounds, seeds {seeds}. Each method "
-        "runs at its config defaults (conf/strategy/), the same (zero) tuning effort for each;",
-        "the privacy presets are conf/privacy/dp_eps{8,3,1}.yaml (delta 1e-5, C = 1, PRV).",
-        "Held-out accuracy after the last round, mean over seeds (min-max in brackets).",
-        "",
-        "| method | " + " | ".join(f"eps = {_label(e)}" for e in epsilons) + " | bytes / round |",
-        "|---|" + "---|" * (len(epsilons) + 1),
-    ]
-    for method in METHODS:
-        cells = []
-        for eps in epsilons:
-            accs = table[method, eps]
-            if not accs:
-                cells.append("-")
-            elif len(accs) == 1:
-                cells.append(f"{accs[0]:.3f}")
-            else:
-                cells.append(f"{statistics.mean(accs):.3f} [{min(accs):.3f}-{max(accs):.3f}]")
-        traffic = [r["bytes_per_round"] for r in rows if r["method"] == method]
-        mb = f"{statistics.mean(traffic) / 1e6:.2f} MB" if traffic else "-"
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {mb} |")
-    spent = [r["epsilon_spent"] for r in rows if r["epsilon"] is not None]
-    over = [r for r in rows if r["epsilon"] is not None and r["epsilon_spent"] > r["epsilon"]]
-    lines += ["", f"Epsilon spent never exceeded the target: {not over} "
-              f"({len(spent)} private runs; max spent / target = "
-              f"{max((r['epsilon_spent'] / r['epsilon'] for r in rows if r['epsilon']), default=0):.3f}).",
-              "", "![accuracy vs epsilon](results.png)", ""]
-    best_none = max((statistics.mean(table[m, None]) for m in METHODS if table[m, None]),
-                    default=None)
-    best_8 = max((statistics.mean(table[m, 8.0]) for m in METHODS if table[m, 8.0]),
-                 default=None)
-    if best_none is not None and best_8 is not None:
-        lines.append(f"Best non-private: {best_none:.3f}; best at epsilon 8: {best_8:.3f} "
-                     f"(gap {100 * (best_none - best_8):.1f} points; goal <= 10).")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    def cells(method: str, p: str) -> list[dict]:
+        return [rows_by_key[k] for s in seeds
+                if (k := cell_key(method, p, s, fixed)) in rows_by_key]
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    xs = list(range(len(epsilons)))
-    for method in METHODS:
-        ys = [statistics.mean(table[method, e]) if table[method, e] else float("nan")
-              for e in epsilons]
+    lines = [
+        "## The table",
+        "",
+        f"Produced by `{command}`. Every cell is a real `fedlora simulate` (Flower simulation",
+        "runtime, Opacus DP-SGD): all-MiniLM-L6-v2, BBC News, 10 clients, Dirichlet 0.5,",
+        f"fixed overrides `{' '.join(fixed)}`, seeds {seeds}. Private cells run the method's",
+        "recipe (conf/recipe/); `none` runs the method's defaults (conf/strategy/).",
+        "Final held-out accuracy: mean [min-max] over the seeds that finished; '-' = not run.",
+        "",
+        "| method | " + " | ".join(f"final, {p}" for p in privacy) + " |",
+        "|---|" + "---|" * len(privacy),
+    ]
+    for method in methods:
+        lines.append(f"| {method} | " + " | ".join(
+            _fmt([r["final_accuracy"] for r in cells(method, p)]) for p in privacy) + " |")
+    lines += ["", "Best-round accuracy, epsilon spent (max over clients and seeds), bytes per "
+              "round (up + down, all clients) and wall time per run:", "",
+              "| method | privacy | best round | epsilon spent | MB / round | wall s / run |",
+              "|---|---|---|---|---|---|"]
+    for method in methods:
+        for p in privacy:
+            found = cells(method, p)
+            if not found:
+                continue
+            eps = [r["epsilon_max"] for r in found if r.get("epsilon_max") is not None]
+            lines.append(
+                f"| {method} | {p} | {_fmt([r['best_accuracy'] for r in found])} | "
+                f"{max(eps):.3f} |" if eps else
+                f"| {method} | {p} | {_fmt([r['best_accuracy'] for r in found])} | - |")
+            lines[-1] += (f" {statistics.mean(r['bytes_per_round'] for r in found) / 1e6:.2f} | "
+                          f"{statistics.mean(r['elapsed_seconds'] for r in found):.0f} |")
+    over = [r for r in rows_by_key.values()
+            if (target := EPSILON.get(privacy_of(r))) is not None
+            and r.get("epsilon_max") is not None and r["epsilon_max"] > target]
+    lines += ["", f"Runs whose reported epsilon exceeded the target: {len(over)}.", "",
+              "![accuracy vs epsilon and per-round curves](results.png)", ""]
+    table = "\n".join([BEGIN, *lines, END])
+    text = out.read_text(encoding="utf-8") if out.is_file() else ""
+    if BEGIN in text and END in text:  # replace the generated section, keep the prose
+        text = text[:text.index(BEGIN)] + table + text[text.index(END) + len(END):]
+    else:
+        text = text + "\n" + table + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    xs = list(range(len(privacy)))
+    for method in methods:
+        ys = [statistics.mean([r["final_accuracy"] for r in c]) if (c := cells(method, p))
+              else float("nan") for p in privacy]
         left.plot(xs, ys, marker="o", label=method)
-    left.set_xticks(xs, [f"eps {_label(e)}" for e in epsilons])
-    left.set(ylabel="held-out accuracy", title="Accuracy vs privacy")
+        for p, style in zip(privacy, ["-", "--", ":", "-."], strict=False):
+            for r in cells(method, p)[:1]:
+                curve = r["accuracy_per_round"]
+                right.plot(range(1, len(curve) + 1), curve, style, alpha=0.7,
+                           label=f"{method} {p}")
+    left.set_xticks(xs, [f"eps {EPSILON[p]:g}" if EPSILON[p] else "no DP" for p in privacy])
+    left.set(ylabel="final held-out accuracy", title="Accuracy vs privacy", ylim=(0, 1))
     left.legend()
     left.grid(alpha=0.3)
-    traffic = [statistics.mean([r["bytes_per_round"] for r in rows if r["method"] == m] or [0])
-               / 1e6 for m in METHODS]
-    right.bar(METHODS, traffic)
-    right.set(ylabel="MB per round (up + down, 10 clients)", title="Communication")
+    right.set(xlabel="round", ylabel="held-out accuracy", title="Per-round (first seed)",
+              ylim=(0, 1))
+    right.xaxis.get_major_locator().set_params(integer=True)
+    right.legend(fontsize=6, ncol=2)
+    right.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out.with_name("results.png"), dpi=100)
     print(out.read_text())
@@ -141,21 +132,23 @@ def write_report(rows: list[dict], out: Path, command: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--privacy", nargs="+", default=PRIVACY)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "RESULTS.md")
-    parser.add_argument("--sweep-dir", type=Path, default=ROOT / "multirun" / "quality")
-    parser.add_argument("--privacy", nargs="+", default=PRIVACY,
-                        help=f"privacy presets to sweep (default: {' '.join(PRIVACY)})")
+    parser.add_argument("--results", type=Path, default=ROOT / "bench/results/quality.jsonl")
+    parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "quality")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "RESULTS.md",
+                        help="the generated section between its markers is replaced")
     parser.add_argument("--collect-only", action="store_true")
     args, extra = parser.parse_known_args()
-    extra = [e for e in extra if e != "--"]
-    dirs = [args.sweep_dir / f"seed-{s}" for s in args.seeds]
+    fixed = FIXED + [e for e in extra if e != "--"]
     if not args.collect_only:
-        for seed, sweep in zip(args.seeds, dirs, strict=True):
-            run_sweep(seed, args.rounds, sweep, extra, args.privacy)
+        trials = [[f"strategy={m}", f"privacy={p}", f"federation.seed={s}"]
+                  for s in args.seeds for p in args.privacy for m in args.methods]
+        run_trials(trials, args.results, args.runs_dir, fixed)
+    rows = {r["key"]: r for r in read_results(args.results)}
     command = "python bench/quality.py " + " ".join(sys.argv[1:])
-    write_report(collect([d for d in dirs if d.is_dir()]), args.out, command.strip())
+    write_report(rows, args.methods, args.privacy, args.seeds, fixed, args.out, command.strip())
 
 
 if __name__ == "__main__":

@@ -50,9 +50,23 @@ def write_config(job: dict[str, Any], path: Path) -> None:
     atomic_write(path, OmegaConf.to_yaml(OmegaConf.create(job)).encode("utf-8"))
 
 
+class _HideRunSimulationNotice(logging.Filter):
+    """Flower 1.39 deprecates its in-process run_simulation in favour of `flwr run`, which
+    needs a SuperLink that installs the app's dependencies from the network: impossible
+    offline, so fedlora keeps the in-process runtime and hides that one notice."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (str(record.msg).startswith("DEPRECATED FEATURE")
+                    and "run_simulation" in str(record.args))
+
+
 def run_simulation(job: dict[str, Any], *, resume: bool = False) -> None:
     """Run the job's federation with Flower's simulation runtime; raise RunFailed on failure."""
     from flwr.simulation import run_simulation as flwr_run_simulation
+
+    flwr_logger = logging.getLogger("flwr")
+    if not any(isinstance(f, _HideRunSimulationNotice) for f in flwr_logger.filters):
+        flwr_logger.addFilter(_HideRunSimulationNotice())
 
     from fedlora.client.app import app as client_app
     from fedlora.server.app import run_server
