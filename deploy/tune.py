@@ -199,6 +199,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_trials(trials, args.results, args.runs_dir, fixed)
     point, score, count = best_point(read_results(args.results), points, fixed, args.seeds)
     print(f"best: {' '.join(point)}  (mean final accuracy {score:.3f} over {count} seed(s))")
+    done = {row["key"] for row in read_results(args.results)}
+    runs = sum(trial_key([*fixed, *t]) in done for t in trials)
+    if args.privacy != "none":
+        print(f"privacy: this search made {runs} private run(s) on the same data; choosing the "
+              "best of them spends more than one run's epsilon (README: Private training, "
+              "the privacy caveat)")
     if args.write_recipe:
         name = f"{args.strategy}_{args.privacy}"
         provenance = [
