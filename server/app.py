@@ -19,8 +19,9 @@ from fedlora.aggregation import get_method
 from fedlora.task.release import privacy_statement
 
 from .evaluation import CentralEvaluator
+from .progress import Progress
 from .report import plot, summarize, summary_table, write_json_atomic
-from .strategy import FedLoraStrategy, Progress
+from .strategy import FedLoraStrategy
 
 _log = logging.getLogger(__name__)
 

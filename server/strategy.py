@@ -1,30 +1,34 @@
-"""One generic Flower strategy that delegates every piece of math to fedlora.aggregation.
+"""The federation loop: one generic driver that delegates every piece of math to
+fedlora.aggregation.
 
 Per round: sample clients (deterministically, by partition), send each its downlink
-envelope, collect replies until all arrive or the round timeout passes (late replies are
-discarded and counted), decode and validate every update (rejections are logged and
-listed, never fatal), aggregate when at least ``min_clients`` valid updates arrived (else
-skip the round), evaluate centrally, write metrics and a checkpoint.
+envelope, collect replies until all arrive or the round timeout passes (exchange.py),
+decode and validate every update (intake.py: rejections are logged and listed, never
+fatal), aggregate when at least ``min_clients`` valid updates arrived (else skip the
+round), step the server optimizer, evaluate centrally, write metrics and a checkpoint.
+
+Why not Flower's ``Strategy.start()``: it broadcasts one ArrayRecord to every sampled node
+and folds replies with a single aggregate call. fedlora needs an init round before round
+1, a downlink per client (its rank, what it already keeps), per-round timeouts with
+partial replies, refusals and rejections with reasons, resumable checkpoints and a server
+optimizer with state. So this loop drives Flower's Grid directly (Message API only) and
+does not pretend to be a Flower Strategy with dummy records.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
-import sys
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
-from fedlora.aggregation import ClientUpdate, GlobalState, Method
-from fedlora.protos import Envelope, Expectation, UpdateRejected, decode, encode, payload_bytes
+from fedlora.aggregation import GlobalState, Method
+from fedlora.protos import Envelope, Expectation, encode, payload_bytes
 from fedlora.task import messages as msgs
 from fedlora.task.training import ServerOptimizerConfig, round_lr
 
@@ -35,66 +39,17 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .evaluation import CentralEvaluator
+from .exchange import MessageExchange, NodeInfo
+from .intake import RoundOutcome, collect, released_weights
 from .optimizer import ServerOptimizer
+from .progress import Progress
 from .report import MetricsLog
 
 _log = logging.getLogger(__name__)
 
 
-@dataclass
-class NodeInfo:
-    node_id: int
-    partition: int
-    examples: int | None  # None: the node did not release its size (DP)
-    rank: int
-
-    @property
-    def name(self) -> str:
-        return f"partition-{self.partition}"
-
-
-@dataclass
-class RoundOutcome:
-    updates: list[ClientUpdate] = field(default_factory=list)
-    clients: list[dict[str, Any]] = field(default_factory=list)
-    rejected: list[dict[str, str]] = field(default_factory=list)
-    refused: list[dict[str, str]] = field(default_factory=list)
-    lost: list[dict[str, str]] = field(default_factory=list)
-    bytes_up: int = 0
-    adapter_bytes_up: int = 0
-
-
-def released_weights(updates: list[ClientUpdate]) -> list[ClientUpdate]:
-    """Example counts as released: a count of 0 means "not released" (a private node that
-    declared no public size), and then every client of the round weighs the same: mixing
-    counts with placeholders would be meaningless, and guessing a size would leak it."""
-    if all(u.num_examples > 0 for u in updates):
-        return updates
-    return [dataclasses.replace(u, num_examples=1) for u in updates]
-
-
-class Progress:
-    """Round i/N, clients done, latest accuracy: one line per round, live on a terminal."""
-
-    def __init__(self, total_rounds: int, stream=None):
-        self.total = total_rounds
-        self.stream = stream or sys.stdout
-        self.live = getattr(self.stream, "isatty", lambda: False)()
-
-    def clients(self, round_: int, done: int, expected: int) -> None:
-        if self.live:
-            self.stream.write(f"\r[fedlora] round {round_}/{self.total}: {done}/{expected} clients")
-            self.stream.flush()
-
-    def line(self, text: str) -> None:
-        if self.live:
-            self.stream.write("\r\033[K")
-        self.stream.write(f"[fedlora] {text}\n")
-        self.stream.flush()
-
-
-class FedLoraStrategy(Strategy):
-    """The ServerApp's strategy: Flower plumbing around a fedlora aggregation Method."""
+class FedLoraStrategy:
+    """The ServerApp's federation loop around a fedlora aggregation Method."""
 
     def __init__(self, cfg: dict[str, Any], method: Method, evaluator: CentralEvaluator,
                  run_dir: Path, *, progress: Progress | None = None):
@@ -121,36 +76,23 @@ class FedLoraStrategy(Strategy):
         self._downlink_cache: dict[tuple[int, int, bool, int | None], tuple[bytes, int]] = {}
         self.init_bytes_up = 0
 
-    # -- Flower Strategy interface --------------------------------------------------------
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        del arrays  # the global adapter lives in self.state and travels as an envelope
-        sampled = self.sample(server_round)
-        return [self._message(info, server_round, msgs.PHASE_TRAIN, MessageType.TRAIN, config)
-                for info in sampled]
+    # -- messages ---------------------------------------------------------------------------
+    def _train_messages(self, server_round: int) -> list[Message]:
+        return [self._message(info, server_round, msgs.PHASE_TRAIN, MessageType.TRAIN)
+                for info in self.sample(server_round)]
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        outcome = self.collect(server_round, replies)
-        skipped, _ = self._aggregate(server_round, outcome)
-        if skipped:
-            return None, None
-        return ArrayRecord(), MetricRecord({"num-updates": len(outcome.updates)})
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        del arrays
+    def _evaluate_messages(self, server_round: int) -> list[Message]:
         fraction = float(self.fed.get("fraction_evaluate", 0.0))
         if fraction <= 0 or not self.nodes:
             return []
         count = max(1, round(fraction * len(self.nodes)))
         rng = random.Random(f"{self.fed['seed']}:evaluate:{server_round}")
         chosen = rng.sample(sorted(self.nodes.values(), key=lambda n: n.partition), count)
-        return [self._message(info, server_round, msgs.PHASE_TRAIN, MessageType.EVALUATE, config)
+        return [self._message(info, server_round, msgs.PHASE_TRAIN, MessageType.EVALUATE)
                 for info in chosen]
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
-                           ) -> MetricRecord | None:
+    @staticmethod
+    def _client_evaluation(replies: list[Message]) -> dict[str, float] | None:
         total, loss, accuracy = 0.0, 0.0, 0.0
         for reply in replies:
             if reply.has_error():
@@ -162,7 +104,7 @@ class FedLoraStrategy(Strategy):
             accuracy += weight * float(metrics["eval-accuracy"])
         if total == 0:
             return None
-        return MetricRecord({"client-loss": loss / total, "client-accuracy": accuracy / total})
+        return {"client_loss": loss / total, "client_accuracy": accuracy / total}
 
     def summary(self) -> None:
         self.progress.line(
@@ -178,9 +120,11 @@ class FedLoraStrategy(Strategy):
         if resume:
             first = self._restore() + 1
         self.summary()
-        self.discover(grid)
+        self.exchange = MessageExchange(grid, self.progress, self.timeout)
+        self.nodes = self.exchange.discover(int(self.fed["num_clients"]), self._job(),
+                                            self.connect_timeout)
         if first == 1 and self.method.init_round_roles and not resume:
-            self._init_round(grid)
+            self._init_round()
         for server_round in range(first, int(self.fed["rounds"]) + 1):
             row = self.round(grid, server_round)
             if on_round is not None:
@@ -189,11 +133,13 @@ class FedLoraStrategy(Strategy):
 
     def round(self, grid: Grid, server_round: int) -> dict[str, Any]:
         started = time.perf_counter()
-        messages = list(self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
+        messages = self._train_messages(server_round)
         bytes_down = {m.metadata.dst_node_id: self._sent_bytes[m.metadata.dst_node_id]
                       for m in messages}
-        replies, missing = self.exchange(grid, messages, server_round)
-        outcome = self.collect(server_round, replies)
+        replies, missing = self.exchange.push_pull(messages, server_round)
+        outcome = collect(replies, f"round {server_round}",
+                          lambda node_id: self._expectation(server_round, node_id),
+                          self._name, self._partition)
         for node_id in missing:
             outcome.lost.append({"node": self._name(node_id), "reason": "no reply before the "
                                  f"round timeout ({self.timeout:g} s)"})
@@ -216,13 +162,13 @@ class FedLoraStrategy(Strategy):
         }
         epsilons = [c["epsilon"] for c in outcome.clients if c.get("epsilon") is not None]
         row["epsilon_max"] = max(epsilons) if epsilons else None
-        row.update(self._evaluate(grid, server_round))
+        row.update(self._evaluate(server_round))
         row["wall_seconds"] = time.perf_counter() - started
         self.metrics.append(row)
         save_checkpoint(self.run_dir, self.state, self._checkpoint_extra(),
                         keep=int(self.cfg.get("keep_checkpoints", 2)),
                         optimizer_state=self.server_optimizer.state_tensors())
-        self._report(row)
+        self.progress.round(row)
         return row
 
     # -- pieces -------------------------------------------------------------------------------
@@ -252,114 +198,6 @@ class FedLoraStrategy(Strategy):
         rng = random.Random(f"{self.fed['seed']}:sample:{server_round}")
         return sorted(rng.sample(ordered, count), key=lambda n: n.partition)
 
-    def discover(self, grid: Grid) -> None:
-        """Wait for the federation's nodes and learn each one's partition, size and rank."""
-        wanted = int(self.fed["num_clients"])
-        deadline = time.monotonic() + self.connect_timeout
-        while len(node_ids := list(grid.get_node_ids())) < wanted:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"only {len(node_ids)} of {wanted} nodes connected "
-                                   f"within {self.connect_timeout:g} s")
-            time.sleep(0.5)
-        config = msgs.config_record(self._job(), phase=msgs.PHASE_DESCRIBE)
-        messages = [Message(RecordDict({msgs.CONFIG: config}), node_id, MessageType.TRAIN)
-                    for node_id in node_ids]
-        replies, missing = self.exchange(grid, messages, 0, label="connecting",
-                                         timeout=self.connect_timeout)
-        for reply in replies:
-            if reply.has_error():
-                raise RuntimeError(f"node {reply.metadata.src_node_id} failed to start: "
-                                   f"{reply.error.reason}")
-            metrics = reply.content.metric_records[msgs.METRICS]
-            node_id = reply.metadata.src_node_id
-            examples = int(metrics["num-examples"]) if "num-examples" in metrics else None
-            self.nodes[node_id] = NodeInfo(node_id, int(metrics["partition-id"]), examples,
-                                           int(metrics["rank"]))
-        if missing:
-            _log.warning("%d nodes did not answer the discovery message", len(missing))
-        partitions = sorted(n.partition for n in self.nodes.values())
-        if len(set(partitions)) != len(partitions):
-            raise RuntimeError(f"two nodes claim the same partition: {partitions}")
-
-    def exchange(self, grid: Grid, messages: list[Message], server_round: int,
-                 label: str | None = None, timeout: float | None = None
-                 ) -> tuple[list[Message], list[int]]:
-        """Push, then pull replies until all arrive or the round timeout passes."""
-        timeout = self.timeout if timeout is None else timeout
-        expected = len(messages)
-        if not expected:
-            return [], []
-        dst = {}
-        ids = []
-        for message in messages:
-            dst_node = message.metadata.dst_node_id
-            for message_id in grid.push_messages([message]):
-                ids.append(message_id)
-                dst[message_id] = dst_node
-        pending = set(ids)
-        replies: list[Message] = []
-        deadline = time.monotonic() + timeout
-        while pending and time.monotonic() < deadline:
-            for reply in grid.pull_messages(list(pending)):
-                pending.discard(reply.metadata.reply_to_message_id)
-                replies.append(reply)
-                self.progress.clients(server_round, len(replies), expected)
-            if pending:
-                time.sleep(0.1)
-        if pending:
-            _log.warning("%s: %d of %d replies missing after %g s; late replies are discarded",
-                         label or f"round {server_round}", len(pending), expected, timeout)
-        return replies, [dst[i] for i in pending]
-
-    def collect(self, server_round: int, replies: Iterable[Message]) -> RoundOutcome:
-        """Decode and validate every reply; bad ones are rejected with a reason."""
-        outcome = RoundOutcome()
-        for reply in sorted(replies, key=lambda r: self._partition(r.metadata.src_node_id)):
-            node_id = reply.metadata.src_node_id
-            name = self._name(node_id)
-            if reply.has_error():
-                outcome.lost.append({"node": name, "reason": f"client error: {reply.error.reason}"})
-                _log.warning("round %d: %s failed: %s", server_round, name, reply.error.reason)
-                continue
-            metrics = reply.content.metric_records.get(msgs.METRICS, MetricRecord())
-            if float(metrics.get("refused", 0.0)):
-                notes = reply.content.config_records.get(msgs.CONFIG, ConfigRecord())
-                reason = str(notes.get("reason", "refused"))
-                outcome.refused.append({"node": name, "reason": reason})
-                _log.warning("round %d: %s refused: %s", server_round, name, reason)
-                continue
-            try:
-                data = msgs.envelope_bytes(reply.content)
-                outcome.bytes_up += len(data)
-                envelope = decode(data, self._expectation(server_round, node_id, ("up",)))
-            except (UpdateRejected, ValueError) as exc:
-                reason = str(exc)
-                outcome.rejected.append({"node": name, "reason": reason})
-                _log.warning("round %d: rejected update from %s: %s", server_round, name, reason)
-                continue
-            payload = payload_bytes(data)
-            outcome.adapter_bytes_up += payload
-            outcome.updates.append(ClientUpdate(factors=envelope.factors,
-                                                num_examples=envelope.num_examples,
-                                                scaling=envelope.scaling, head=envelope.head,
-                                                node=name))
-            # Only what the client released: under DP no training loss and no example count
-            # unless the node declared one public (client/release.py).
-            client = {"node": name, "_node_id": node_id,
-                      "examples": envelope.num_examples or None,
-                      "bytes_up": len(data), "adapter_bytes_up": payload,
-                      "rank": envelope.rank}
-            if "train-loss" in metrics:
-                client["train_loss"] = float(metrics["train-loss"])
-            if "epsilon" in metrics:
-                client.update({
-                    "epsilon": float(metrics["epsilon"]), "delta": float(metrics["delta"]),
-                    "max_grad_norm": float(metrics["max-grad-norm"]),
-                    "steps": int(metrics["steps"]),
-                })
-            outcome.clients.append(client)
-        return outcome
-
     # -- internals ------------------------------------------------------------------------------
     def _job(self) -> dict[str, Any]:
         return {k: v for k, v in self.cfg.items() if k != "hydra"}
@@ -372,8 +210,7 @@ class FedLoraStrategy(Strategy):
         info = self.nodes.get(node_id)
         return info.name if info else f"node-{node_id}"
 
-    def _message(self, info: NodeInfo, server_round: int, phase: str, kind: str,
-                 config: ConfigRecord) -> Message:
+    def _message(self, info: NodeInfo, server_round: int, phase: str, kind: str) -> Message:
         first = bool(self.method.node_keeps) and info.partition not in self.contacted
         if kind == MessageType.TRAIN and first:
             self.contacted.add(info.partition)
@@ -382,8 +219,6 @@ class FedLoraStrategy(Strategy):
         self._sent_payload[info.node_id] = payload
         record = msgs.config_record(self._job(), phase=phase, **{"server-round": server_round},
                                     **self._extra_config())
-        for key, value in config.items():
-            record[key] = value
         content = RecordDict({msgs.ENVELOPE: msgs.envelope_record(data), msgs.CONFIG: record})
         return Message(content, info.node_id, kind)
 
@@ -407,8 +242,7 @@ class FedLoraStrategy(Strategy):
         ledger_dir = self.cfg.get("ledger_dir")
         return {"ledger-dir": str(ledger_dir)} if ledger_dir else {}
 
-    def _expectation(self, server_round: int, node_id: int, roles: Iterable[str] = ()
-                     ) -> Expectation:
+    def _expectation(self, server_round: int, node_id: int) -> Expectation:
         info = self.nodes.get(node_id)
         own_rank = self.method.per_client_rank
         return Expectation(
@@ -432,7 +266,7 @@ class FedLoraStrategy(Strategy):
         head = sum(t.numel() for t in self.state.head.values())
         return 4 * 4 * (floats + head) + 65536
 
-    def _init_round(self, grid: Grid) -> None:
+    def _init_round(self) -> None:
         """The method's init round: every client sends its init_round_roles (e.g. Fed-SB's
         DP gradient estimates); the method turns them into the first state."""
         started = time.perf_counter()
@@ -444,37 +278,27 @@ class FedLoraStrategy(Strategy):
         messages = [Message(RecordDict({msgs.ENVELOPE: msgs.envelope_record(empty),
                                         msgs.CONFIG: config}), n.node_id, MessageType.TRAIN)
                     for n in nodes]
-        replies, _ = self.exchange(grid, messages, 0, label="init round",
-                                   timeout=self.connect_timeout)
-        updates, total = [], 0
-        for reply in sorted(replies, key=lambda r: self._partition(r.metadata.src_node_id)):
-            if reply.has_error():
-                continue
-            data = msgs.envelope_bytes(reply.content)
-            total += len(data)
-            shapes = dict(self.spec.shapes)
-            try:
-                env = decode(data, Expectation(method=self.method.name, round=0, direction="up",
-                                               shapes=shapes,
-                                               roles=tuple(self.method.init_round_roles),
-                                               max_bytes=8 * sum(o * i for o, i in shapes.values())
-                                               + 65536,
-                                               fingerprint=self.evaluator.fingerprint))
-            except UpdateRejected as exc:
-                _log.warning("init round: rejected %s: %s", self._name(reply.metadata.src_node_id),
-                             exc)
-                continue
-            updates.append(ClientUpdate(factors=env.factors, num_examples=env.num_examples,
-                                        scaling=env.scaling, node=env.node))
-        if not updates:
-            raise RuntimeError(f"{self.method.name} init round: no valid update arrived")
-        self.state = self.method.init_from_updates(self.spec, released_weights(updates),
+        replies, _ = self.exchange.push_pull(messages, 0, label="init round",
+                                             timeout=self.connect_timeout)
+        shapes = dict(self.spec.shapes)
+        expected = Expectation(method=self.method.name, round=0, direction="up", shapes=shapes,
+                               roles=tuple(self.method.init_round_roles),
+                               max_bytes=8 * sum(o * i for o, i in shapes.values()) + 65536,
+                               fingerprint=self.evaluator.fingerprint)
+        outcome = collect(replies, "init round", lambda node_id: expected, self._name,
+                          self._partition)
+        if not outcome.updates:
+            raise RuntimeError(f"{self.method.name} init round: no valid update arrived "
+                               f"(refused {outcome.refused}, rejected {outcome.rejected}, "
+                               f"lost {outcome.lost})")
+        self.state = self.method.init_from_updates(self.spec, released_weights(outcome.updates),
                                                    head=self.evaluator.initial_head)
-        self.init_bytes_up = total
-        self.progress.line(f"{self.method.name} init round: {len(updates)} updates, "
-                           f"{total / 1e6:.2f} MB up, {time.perf_counter() - started:.1f} s")
+        self.init_bytes_up = outcome.bytes_up
+        self.progress.line(f"{self.method.name} init round: {len(outcome.updates)} updates, "
+                           f"{outcome.bytes_up / 1e6:.2f} MB up, "
+                           f"{time.perf_counter() - started:.1f} s")
 
-    def _evaluate(self, grid: Grid, server_round: int) -> dict[str, Any]:
+    def _evaluate(self, server_round: int) -> dict[str, Any]:
         rounds = int(self.fed["rounds"])
         every = max(1, int(self.cfg.get("eval_every", 1)))
         out: dict[str, Any] = {"accuracy": None, "loss": None}
@@ -483,12 +307,13 @@ class FedLoraStrategy(Strategy):
             out.update(accuracy=result["accuracy"], loss=result["loss"])
             if "perplexity" in result:
                 out["perplexity"] = result["perplexity"]
-        messages = list(self.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(), grid))
+        messages = self._evaluate_messages(server_round)
         if messages:
-            replies, _ = self.exchange(grid, messages, server_round, label="client evaluation")
-            client_metrics = self.aggregate_evaluate(server_round, replies)
+            replies, _ = self.exchange.push_pull(messages, server_round,
+                                                 label="client evaluation")
+            client_metrics = self._client_evaluation(replies)
             if client_metrics is not None:
-                out.update({k.replace("-", "_"): v for k, v in client_metrics.items()})
+                out.update(client_metrics)
         return out
 
     def _checkpoint_extra(self) -> dict[str, Any]:
@@ -508,23 +333,3 @@ class FedLoraStrategy(Strategy):
         self.contacted = set()
         self.progress.line(f"resuming from {path.name} (round {state.round} complete)")
         return state.round
-
-    def _report(self, row: dict[str, Any]) -> None:
-        parts = [f"round {row['round']}/{self.fed['rounds']}",
-                 f"{len(row['clients'])} updates"]
-        if row["accuracy"] is not None:
-            parts.append(f"accuracy {row['accuracy']:.4f}")
-            parts.append(f"loss {row['loss']:.4f}")
-        if row.get("epsilon_max") is not None:
-            parts.append(f"epsilon {row['epsilon_max']:.3f}")
-        if row["rejected"]:
-            parts.append(f"{len(row['rejected'])} rejected")
-        if row["refused"]:
-            parts.append(f"{len(row['refused'])} refused")
-        if row["lost"]:
-            parts.append(f"{len(row['lost'])} lost")
-        if row["skipped"]:
-            parts.append("SKIPPED")
-        parts.append(f"{row['bytes_up'] / 1e3:.1f} kB up / {row['bytes_down'] / 1e3:.1f} kB down")
-        parts.append(f"{row['wall_seconds']:.1f} s")
-        self.progress.line(" | ".join(parts))
