@@ -16,8 +16,6 @@ from .codec import (
     encode,
     head_bytes,
     payload_bytes,
-    raw_envelope,
-    raw_tensor,
     to_message,
     validate,
 )
@@ -35,8 +33,6 @@ __all__ = [
     "encode",
     "head_bytes",
     "payload_bytes",
-    "raw_envelope",
-    "raw_tensor",
     "to_message",
     "validate",
 ]

@@ -24,10 +24,10 @@ from fedlora.protos import (
     encode,
     head_bytes,
     payload_bytes,
-    raw_envelope,
-    raw_tensor,
     to_message,
 )
+
+from .payloads import raw_envelope, raw_tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
