@@ -16,6 +16,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Context
 
 from fedlora.task.data import federation_partition
+from fedlora.task.messages import node_name
 
 from .runtime import ClientRuntime
 
@@ -31,7 +32,7 @@ class NodeIdentity:
         node_cfg = context.node_config
         self.partition = int(node_cfg.get("partition-id", 0))
         self.partitions = int(node_cfg.get("num-partitions", cfg["federation"]["num_clients"]))
-        self.name = f"partition-{self.partition}"
+        self.name = node_name(self.partition)
         self.device = str(node_cfg.get("device", cfg.get("device", "cpu")))
         self.max_epsilon = node_cfg.get("max-epsilon")
         self.ledger_dir = node_cfg.get("ledger-dir") or config.get("ledger-dir")

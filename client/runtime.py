@@ -16,14 +16,8 @@ import torch
 
 from fedlora.aggregation import AdapterSpec, Method, get_method
 from fedlora.task.adapters import AdapterHost
-from fedlora.task.data import TokenizedData, load_data
-from fedlora.task.models import (
-    build_model,
-    fingerprint,
-    head_parameter_names,
-    resolve_device,
-    target_module_names,
-)
+from fedlora.task.base_model import load_base
+from fedlora.task.data import TokenizedData
 
 _log = logging.getLogger(__name__)
 _RUNTIMES: dict[str, ClientRuntime] = {}
@@ -52,21 +46,16 @@ def get_runtime(cfg: Mapping[str, Any], device_name: str) -> ClientRuntime:
     key = json.dumps([model_cfg, cfg["data"], strategy, device_name], sort_keys=True)
     if key in _RUNTIMES:
         return _RUNTIMES[key]
-    device = resolve_device(device_name)
-    vocab = int(model_cfg.get("vocab_size") or 0) or None
-    data = load_data(cfg["data"], model_cfg, vocab_size=vocab)
-    model = build_model(model_cfg, data.num_labels).to(device)
-    targets = target_module_names(model, list(model_cfg["target_modules"]))
-    heads = head_parameter_names(model, list(model_cfg.get("head_modules") or []))
+    base = load_base(cfg, device_name)
     method = method_from_config(strategy)
-    host = AdapterHost(model, targets, heads, method.adapter_layer)
-    spec = AdapterSpec(shapes=host.shapes(), rank=int(strategy["rank"]),
-                       alpha=float(strategy["alpha"]), seed=int(cfg["federation"]["seed"]))
-    runtime = ClientRuntime(dict(cfg), device, data, host, method, spec,
-                            fingerprint(model, targets), model_cfg["task"])
+    # PEFT injects into the base in place: it is already on its device (load_base).
+    host = AdapterHost(base.model, base.targets, base.head_names, method.adapter_layer)
+    spec = base.spec(cfg)
+    runtime = ClientRuntime(dict(cfg), base.device, base.data, host, method, spec,
+                            base.fingerprint, base.task)
     # One runtime per process is the norm; drop others so memory stays flat.
     _RUNTIMES.clear()
     _RUNTIMES[key] = runtime
-    _log.info("client runtime ready: %s on %s, %d target modules", model_cfg["name"], device,
-              len(targets))
+    _log.info("client runtime ready: %s on %s, %d target modules", model_cfg["name"], base.device,
+              len(base.targets))
     return runtime

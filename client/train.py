@@ -66,9 +66,9 @@ def train_plain(
     return LocalResult(steps, seen, total / steps, time.perf_counter() - start)
 
 
-def dp_loader(dataset: Dataset, batch_size: int, device: torch.device) -> DataLoader:
-    """The loader Opacus turns into Poisson sampling with q = batch_size / N_k."""
-    del device  # batches move to the device in forward()
+def dp_loader(dataset: Dataset, batch_size: int) -> DataLoader:
+    """The loader Opacus turns into Poisson sampling with q = batch_size / N_k (batches
+    move to the device in forward())."""
     return DataLoader(dataset, batch_size=batch_size)
 
 
@@ -80,7 +80,7 @@ def train_private(
     """DP-SGD local training through privacy.run_private_round (ledger updated inside)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, strategy)
-    loader = dp_loader(dataset, int(strategy["batch_size"]), device)
+    loader = dp_loader(dataset, int(strategy["batch_size"]))
     stats = run_private_round(
         model, optimizer, loader,
         lambda m, batch: forward(m, _to_device(batch, device), task),
@@ -96,7 +96,7 @@ def gradient_estimate(
     settings: DPSettings, ledger: PrivacyLedger | None, round: int,
 ) -> dict[str, torch.Tensor]:
     """Fed-SB init: the (DP when a ledger is given) mean gradient of each target weight."""
-    loader = dp_loader(dataset, int(strategy["batch_size"]), device)
+    loader = dp_loader(dataset, int(strategy["batch_size"]))
     return run_private_gradient_estimate(
         model, weights, loader, lambda m, batch: forward(m, _to_device(batch, device), task),
         settings, ledger, round=round, generator=generator,

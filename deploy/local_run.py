@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from fedlora.task.messages import node_name
 
 from .simulate import prepare_run, write_config
 
@@ -53,11 +53,11 @@ def write_app(directory: Path) -> Path:
 
 
 def node_ledger_dir(root: Path, partition: int) -> Path:
-    return root / f"partition-{partition}" / "privacy"
+    return root / node_name(partition) / "privacy"
 
 
 def _compose(overrides: list[str]) -> tuple[dict[str, Any], Path]:
-    from hydra import compose, initialize_config_module
+    from fedlora.task.config import compose_job
 
     run_dir = None
     kept = []
@@ -66,9 +66,7 @@ def _compose(overrides: list[str]) -> tuple[dict[str, Any], Path]:
             run_dir = Path(item.split("=", 1)[1])
         else:
             kept.append(item)
-    with initialize_config_module(config_module="fedlora.conf", version_base=None):
-        cfg = compose(config_name="config", overrides=kept)
-    job = OmegaConf.to_container(cfg, resolve=True)
+    job = compose_job(kept)
     if run_dir is None:
         run_dir = Path("outputs") / "deploy" / time.strftime("%Y-%m-%d_%H-%M-%S")
     return job, run_dir

@@ -30,13 +30,12 @@ def load_job_config(path: str | Path | None) -> dict[str, Any]:
     """A resolved job config: from a YAML file, or conf/ composed with its defaults."""
     from omegaconf import OmegaConf
 
+    from fedlora.task.config import compose_job
+
     if path:
         cfg = OmegaConf.to_container(OmegaConf.load(str(path)), resolve=True)
     else:
-        from hydra import compose, initialize_config_module
-
-        with initialize_config_module(config_module="fedlora.conf", version_base=None):
-            cfg = OmegaConf.to_container(compose(config_name="config"), resolve=True)
+        cfg = compose_job()
     if not cfg.get("run_dir"):
         cfg["run_dir"] = str(Path("runs") / time.strftime("%Y-%m-%d_%H-%M-%S"))
     from fedlora.task.config import validate

@@ -16,14 +16,10 @@ import torch
 
 from fedlora.aggregation import AdapterSpec, GlobalState, Method
 from fedlora.task.adapters import export_peft, merge_deltas
-from fedlora.task.data import TokenizedData, data_for
+from fedlora.task.base_model import load_base
 from fedlora.task.evaluate import evaluate
 from fedlora.task.models import (
     build_model,
-    fingerprint,
-    head_parameter_names,
-    resolve_device,
-    target_module_names,
 )
 
 _log = logging.getLogger(__name__)
@@ -34,25 +30,19 @@ class CentralEvaluator:
 
     def __init__(self, cfg: Mapping[str, Any]):
         self.cfg = cfg
-        model_cfg = cfg["model"]
-        self.task = model_cfg["task"]
-        self.device = resolve_device(str(cfg.get("device", "cpu")))
-        self.data: TokenizedData = data_for(cfg)
-        self.model = build_model(model_cfg, self.data.num_labels).to(self.device)
-        self.targets = target_module_names(self.model, list(model_cfg["target_modules"]))
-        self.head_modules = list(model_cfg.get("head_modules") or [])
-        self.head_names = head_parameter_names(self.model, self.head_modules)
+        base = load_base(cfg, str(cfg.get("device", "cpu")))
+        self.base = base
+        self.task, self.device, self.data, self.model = base.task, base.device, base.data, base.model
+        self.targets, self.head_names = base.targets, base.head_names
+        self.head_modules = list(cfg["model"].get("head_modules") or [])
         self.linears = {n: self.model.get_submodule(n) for n in self.targets}
         self.w0 = {n: lin.weight.detach().clone() for n, lin in self.linears.items()}
-        self.fingerprint = fingerprint(self.model, self.targets)
+        self.fingerprint = base.fingerprint
         params = dict(self.model.named_parameters())
         self.initial_head = {n: params[n].detach().float().cpu().clone() for n in self.head_names}
 
     def spec(self) -> AdapterSpec:
-        strategy = self.cfg["strategy"]
-        shapes = {n: (lin.out_features, lin.in_features) for n, lin in self.linears.items()}
-        return AdapterSpec(shapes=shapes, rank=int(strategy["rank"]),
-                           alpha=float(strategy["alpha"]), seed=int(self.cfg["federation"]["seed"]))
+        return self.base.spec(self.cfg)
 
     def load_global(self, method: Method, state: GlobalState) -> torch.nn.Module:
         deltas = {n: method.delta(state, n) for n in self.targets}

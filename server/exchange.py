@@ -27,7 +27,7 @@ class NodeInfo:
 
     @property
     def name(self) -> str:
-        return f"partition-{self.partition}"
+        return msgs.node_name(self.partition)
 
 
 class MessageExchange:

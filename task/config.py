@@ -10,12 +10,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fedlora.privacy import ACCOUNTANTS, GRAD_SAMPLE_MODES
+from fedlora.protos import WIRE_DTYPES
+
 from .training import LRSchedule, ServerOptimizerConfig
 
 MODEL_SOURCES = ("package", "path", "tiny_bert", "tiny_llama")
 DATA_SOURCES = ("bbc_news", "csv", "jsonl", "disk", "synthetic")
-WIRE_DTYPES = ("float32", "float16", "bfloat16")
-ACCOUNTANTS = ("prv", "rdp")
 
 
 class ConfigError(ValueError):
@@ -128,8 +129,8 @@ def validate(cfg: Mapping[str, Any]) -> None:
         number("privacy", "max_grad_norm", 0, above=True)
         need(privacy.get("accountant") in ACCOUNTANTS,
              f"privacy.accountant must be one of {ACCOUNTANTS}, got {privacy.get('accountant')!r}")
-        need(privacy.get("grad_sample_mode") in ("hooks", "ghost"),
-             f"privacy.grad_sample_mode must be 'hooks' or 'ghost', got "
+        need(privacy.get("grad_sample_mode") in GRAD_SAMPLE_MODES,
+             f"privacy.grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got "
              f"{privacy.get('grad_sample_mode')!r}")
 
     need(cfg.get("wire_dtype") in WIRE_DTYPES,
@@ -159,3 +160,14 @@ def validate_data(cfg: Mapping[str, Any], partition_sizes: list[int]) -> None:
         )
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def compose_job(overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """conf/config.yaml composed with its defaults (recipes included) and ``overrides``,
+    resolved to a plain dict: the one way fedlora builds a job config outside Hydra's CLI."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    with initialize_config_module(config_module="fedlora.conf", version_base=None):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=True)

@@ -20,9 +20,14 @@ METRICS = "metrics"
 JOB_CONFIG_KEY = "fedlora-config"
 
 # Phases of the server's messages (ConfigRecord "phase").
-PHASE_DESCRIBE = "describe"   # the node tells its partition, examples and rank
-PHASE_INIT = "init"           # Fed-SB: gradient estimate for the LoRA-SB init
+PHASE_DESCRIBE = "describe"   # the node tells its partition, released size and rank
+PHASE_INIT = "init"           # the method's init round (e.g. gradient estimates)
 PHASE_TRAIN = "train"
+
+
+def node_name(partition: int) -> str:
+    """A node's name in reports, ledgers and envelopes."""
+    return f"partition-{partition}"
 
 
 def envelope_record(data: bytes) -> ArrayRecord:
