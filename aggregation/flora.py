@@ -1,8 +1,10 @@
 """FLoRA: fresh LoRA per client per round, stacked exactly at the server; ranks may differ.
 
 Model per module: W = W0 + D + s_k B_k A_k on client k, where D = B_acc A_acc is the merged
-delta of all completed rounds (d_out x m and m x d_in), s_k = alpha / r_k, and the rank r_k
-is chosen per client (config or memory budget): heterogeneous ranks are the point.
+delta of all completed rounds (d_out x m and m x d_in), s_k = alpha / r_k (or, with option
+alpha_per_rank, alpha_k proportional to r_k as the reference code's alpha_k = 2 r_k, so
+s_k = alpha / r for every rank), and the rank r_k is chosen per client (config or memory
+budget): heterogeneous ranks are the point.
 
 - Client trains: a fresh A_k (Kaiming-uniform like PEFT, deterministic in the client's seed)
   and B_k = 0 of rank r_k, on top of W0 + D merged into its frozen weight.
@@ -67,6 +69,10 @@ class FLoRA(Method):
                                 "instead of only when the stack outgrows min(d_out, d_in)")
         rtol: float = option(1e-6, "singular values below rtol * s_max are dropped when "
                              "refactorizing (0: keep all)")
+        alpha_per_rank: bool = option(False, "alpha_k proportional to r_k (alpha_k = alpha "
+                                      "r_k / r, the reference code's alpha_k = 2 r_k): every "
+                                      "client scales by s = alpha / r whatever its rank; "
+                                      "false: s_k = alpha / r_k (smaller ranks scale up)")
 
     def client_rank(self, spec: AdapterSpec, partition: int, declared: int | None = None) -> int:
         if declared is not None:
@@ -79,6 +85,9 @@ class FLoRA(Method):
         ranks = self.options["ranks"]
         if not isinstance(ranks, list) or not ranks or not all(is_int(r) and r >= 1 for r in ranks):
             raise ValueError(f"flora: ranks must be a non-empty list of integers >= 1, got {ranks!r}")
+        if not isinstance(self.options["alpha_per_rank"], bool):
+            raise ValueError(f"flora: alpha_per_rank must be true/false, got "
+                             f"{self.options['alpha_per_rank']!r}")
         if not isinstance(self.options["compress"], bool):
             raise ValueError(f"flora: compress must be true/false, got {self.options['compress']!r}")
         rtol = self.options["rtol"]
@@ -149,9 +158,11 @@ class FLoRA(Method):
             # Fresh LoRA every round: random A_k, B_k = 0, so the client starts exactly at
             # the merged weights.
             init[m] = {"A": shared_a(seed, m, r, d_in), "B": torch.zeros(d_out, r)}
+        # s_k travels with the update (ClientUpdate.scaling) and is folded into the stack.
+        scaling = spec.scaling if self.options["alpha_per_rank"] else spec.alpha / r
         return ClientStart(
             init=init, trainable=self.client_trains, base_delta=base_delta, rank=r,
-            scaling=spec.alpha / r,
+            scaling=scaling,
         )
 
     def delta(self, state: GlobalState, module: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -592,3 +592,20 @@ def test_from_tensors_rejects_bad_names() -> None:
         GlobalState.from_tensors(0, {"noseparator": torch.zeros(1)}, {})
     with pytest.raises(ValueError):
         GlobalState.from_tensors(0, {"m::Z": torch.zeros(1)}, {})
+
+
+def test_flora_alpha_per_rank_gives_every_rank_the_same_scaling() -> None:
+    spec = AdapterSpec(shapes={"m": (6, 5)}, rank=8, alpha=16)
+    down = get_method("flora").downlink(get_method("flora").init_state(spec))
+    plain, per_rank = get_method("flora"), get_method("flora", alpha_per_rank=True)
+    assert [plain.client_start(down, spec, rank=r).scaling for r in (4, 8, 16)] == [4, 2, 1]
+    assert [per_rank.client_start(down, spec, rank=r).scaling for r in (4, 8, 16)] == [2, 2, 2]
+    # Still exact: the stack folds each update's own scaling.
+    gen = torch.Generator().manual_seed(0)
+    state = per_rank.init_state(spec)
+    updates = [train(per_rank, state, spec, gen, n=n, rank=r, seed=r)
+               for n, r in ((10, 4), (30, 16))]
+    new = per_rank.aggregate(state, updates)
+    want = sum(p * dense(per_rank.client_delta(state, u, "m"))
+               for p, u in zip((0.25, 0.75), updates, strict=True))
+    assert close(dense(per_rank.delta(new, "m")), want)
