@@ -130,6 +130,43 @@ def write_report(rows_by_key: dict, methods: list[str], privacy: list[str], seed
     print(out.read_text())
 
 
+TUNE_BEGIN, TUNE_END = "<!-- tuning trials: begin -->", "<!-- tuning trials: end -->"
+
+
+def write_tuning(rows: list[dict], out: Path, sources: list[Path]) -> None:
+    """The tuning trials (one row per finished run) as a table in ``out``'s tuning section."""
+    def knob(row: dict, key: str, default: str = "-") -> str:
+        return next((o.split("=", 1)[1] for o in row["overrides"] if o.startswith(key + "=")),
+                    default)
+
+    rows = sorted(rows, key=lambda r: (knob(r, "privacy"), knob(r, "strategy"),
+                                       float(knob(r, "strategy.lr", "0"))))
+    names = ", ".join(f"`{p.resolve().relative_to(ROOT)}`" for p in sources)
+    lines = [TUNE_BEGIN, f"Every finished trial in {names} "
+             "(final / best-round held-out accuracy, accuracy per round):", "",
+             "| method | privacy | lr | schedule | other | final | best | per round | epsilon | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        other = " ".join(o for o in r["overrides"] if o.split("=")[0] not in (
+            "strategy", "privacy", "strategy.lr", "strategy.lr_schedule.kind",
+            "model.max_length", "federation.rounds"))
+        curve = " ".join(f"{a:.2f}" for a in r["accuracy_per_round"] if a is not None)
+        eps = "-" if r.get("epsilon_max") is None else f"{r['epsilon_max']:.2f}"
+        lines.append(f"| {knob(r, 'strategy', 'ffa')} | {knob(r, 'privacy', 'none')} | "
+                     f"{knob(r, 'strategy.lr', 'default')} | "
+                     f"{knob(r, 'strategy.lr_schedule.kind', 'recipe')} | {other or '-'} | "
+                     f"{r['final_accuracy']:.3f} | {r['best_accuracy']:.3f} | {curve} | {eps} | "
+                     f"{r['elapsed_seconds']:.0f} |")
+    lines.append(TUNE_END)
+    text = out.read_text(encoding="utf-8") if out.is_file() else ""
+    table = "\n".join(lines)
+    if TUNE_BEGIN in text and TUNE_END in text:
+        text = text[:text.index(TUNE_BEGIN)] + table + text[text.index(TUNE_END) + len(TUNE_END):]
+    else:
+        text = text + "\n" + table + "\n"
+    out.write_text(text, encoding="utf-8")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=METHODS)
@@ -140,6 +177,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "RESULTS.md",
                         help="the generated section between its markers is replaced")
     parser.add_argument("--collect-only", action="store_true")
+    parser.add_argument("--tuning", type=Path, nargs="*", default=[],
+                        help="tuning results files (JSONL) to render as the tuning section")
     args, extra = parser.parse_known_args()
     fixed = FIXED + [e for e in extra if e != "--"]
     if not args.collect_only:
@@ -149,6 +188,8 @@ def main() -> None:
     rows = {r["key"]: r for r in read_results(args.results)}
     command = "python bench/quality.py " + " ".join(sys.argv[1:])
     write_report(rows, args.methods, args.privacy, args.seeds, fixed, args.out, command.strip())
+    if args.tuning:
+        write_tuning([r for p in args.tuning for r in read_results(p)], args.out, args.tuning)
 
 
 if __name__ == "__main__":
