@@ -26,6 +26,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+def _from_config(cls: type, section: str, cfg: Mapping[str, Any] | None) -> Any:
+    """A config dataclass from a mapping; unknown keys are an error naming the known ones."""
+    cfg = dict(cfg or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ValueError(f"{section}: unknown key(s) {unknown}; known: {sorted(known)}")
+    return cls(**cfg)
+
+
 SCHEDULES: tuple[str, ...] = ("constant", "cosine", "linear", "step")
 
 
@@ -52,12 +62,7 @@ class LRSchedule:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> LRSchedule:
         """From the job's ``strategy.lr_schedule`` (None or {} means constant)."""
-        cfg = dict(cfg or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"lr_schedule: unknown key(s) {unknown}; known: {sorted(known)}")
-        return cls(**cfg)
+        return _from_config(cls, "lr_schedule", cfg)
 
     def factor(self, round_: int, rounds: int) -> float:
         """The multiplier of the base rate in round ``round_`` of ``rounds`` (1-based)."""
@@ -107,12 +112,8 @@ class ServerOptimizerConfig:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> ServerOptimizerConfig:
-        cfg = dict(cfg or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"server_optimizer: unknown key(s) {unknown}; known: {sorted(known)}")
-        return cls(**cfg)
+        """From the job's ``strategy.server_optimizer`` (None or {} means none)."""
+        return _from_config(cls, "server_optimizer", cfg)
 
     @property
     def active(self) -> bool:
