@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+
 def _from_config(cls: type, section: str, cfg: Mapping[str, Any] | None) -> Any:
     """A config dataclass from a mapping; unknown keys are an error naming the known ones."""
     cfg = dict(cfg or {})
