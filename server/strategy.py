@@ -230,7 +230,8 @@ class FedLoraStrategy:
             factors = self.method.downlink(self.state, first_contact=first_contact, rank=rank)
             envelope = Envelope(method=self.method.name, round=server_round, direction="down",
                                 factors=factors, head=self.state.head,
-                                fingerprint=self.evaluator.fingerprint, rank=self.spec.rank,
+                                fingerprint=self.evaluator.fingerprint,
+                                rank=rank if self.method.per_client_rank else self.spec.rank,
                                 scaling=self.spec.scaling)
             data = encode(envelope, self.cfg["wire_dtype"])
             if self._downlink_cache and next(iter(self._downlink_cache))[:2] != key[:2]:
