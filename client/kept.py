@@ -29,12 +29,22 @@ def with_kept_factors(context: Context, runtime: ClientRuntime, factors: Factors
     if not keeps:
         return dict(factors)
     first = next(iter(factors.values()), {})
-    if all(role in first for role in keeps):  # first contact: remember them
-        context.state[STATE_KEY] = ArrayRecord(
-            {f"{m}{SEP}{r}": t.detach().cpu().contiguous()
-             for m, roles in factors.items() for r, t in roles.items() if r in keeps})
-        return dict(factors)
     stored = _stored(context)
+    if all(role in first for role in keeps):  # first contact: remember them
+        fresh = {f"{m}{SEP}{r}": t.detach().cpu().contiguous()
+                 for m, roles in factors.items() for r, t in roles.items() if r in keeps}
+        # A repeated first contact (e.g. after a server restart) never replaces a kept
+        # role the node trains itself (a personalized factor): that is the node's model.
+        own = {k: v for k, v in stored.items()
+               if k.partition(SEP)[2] in runtime.method.client_trains}
+        context.state[STATE_KEY] = ArrayRecord({**fresh, **own})
+        if not own:
+            return dict(factors)
+        factors = {m: dict(roles) for m, roles in factors.items()}
+        for key, tensor in own.items():
+            module, _, role = key.partition(SEP)
+            factors[module][role] = tensor
+        return factors
     if not stored:
         raise RuntimeError(f"{runtime.method.name}: this node never received "
                            f"{'/'.join(keeps)} (its first contact was lost)")
