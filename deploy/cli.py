@@ -156,13 +156,13 @@ def _methods(rest: list[str]) -> int:
         print(json.dumps(rows, indent=1))
         return 0
     print(f"per module per round, float32, d_out={args.d_out} d_in={args.d_in} r={args.rank}"
-          " (flora: one client, first round)")
-    header = f"{'method':<8} {'trains':<7} {'up':<5} {'down':<6} {'exact':<6} {'bytes up':>9} " \
+          " (flora, fedex: one client, first round; rolora: a B round)")
+    header = f"{'method':<9} {'trains':<7} {'up':<5} {'down':<8} {'exact':<6} {'bytes up':>9} " \
              f"{'bytes down':>10}  summary"
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['method']:<8} {r['trains']:<7} {r['up']:<5} {r['down']:<6} "
+        print(f"{r['method']:<9} {r['trains']:<7} {r['up']:<5} {r['down']:<8} "
               f"{str(r['exact']).lower():<6} {r['bytes_up']:>9} {r['bytes_down']:>10}  "
               f"{r['summary']}")
     print("\noptions (strategy.options.NAME=VALUE):")
