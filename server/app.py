@@ -44,6 +44,26 @@ def load_job_config(path: str | Path | None) -> dict[str, Any]:
     return cfg
 
 
+def _local_ledger_replay(cfg: dict[str, Any]) -> float | None:
+    """In simulation the nodes' ledgers sit on this machine: the exact replay (max over this
+    federation's nodes) beside the released, rounded-up figures. None where ledgers live
+    on the nodes."""
+    from fedlora.privacy import LedgerError, PrivacyLedger
+
+    ledger_dir = cfg.get("ledger_dir")
+    if not ledger_dir or not Path(ledger_dir).is_dir():
+        return None
+    spent = []
+    for path in sorted(Path(ledger_dir).glob("*.privacy.json")):
+        try:
+            ledger = PrivacyLedger.load(path)
+        except LedgerError:
+            continue
+        if ledger.federation == str(cfg["run_name"]):
+            spent.append(ledger.epsilon_spent)
+    return max(spent, default=None)
+
+
 def run_server(grid: Grid, cfg: dict[str, Any], *, resume: bool = False) -> dict[str, Any]:
     """Run the federation on a Grid and write the run directory's outputs."""
     run_dir = Path(cfg["run_dir"])
@@ -67,6 +87,9 @@ def run_server(grid: Grid, cfg: dict[str, Any], *, resume: bool = False) -> dict
         extra["delta"] = float(cfg["privacy"]["delta"])
         extra["epsilon_target"] = float(cfg["privacy"]["epsilon"])
         extra["privacy_statement"] = privacy_statement(cfg)
+        replay = _local_ledger_replay(cfg)
+        if replay is not None:
+            extra["epsilon_replay_max"] = replay
     summary = summarize(strategy.metrics.rows, method.name, extra)
     write_json_atomic(run_dir / "summary.json", summary)
     plot(strategy.metrics.rows, run_dir)

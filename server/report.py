@@ -84,6 +84,10 @@ def plot(rows: Sequence[dict[str, Any]], run_dir: Path) -> list[Path]:
 
     def save(fig, name):
         path = Path(run_dir) / name
+        from matplotlib.ticker import MaxNLocator
+
+        for ax in fig.axes:  # rounds are whole numbers
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)
@@ -120,7 +124,8 @@ def plot(rows: Sequence[dict[str, Any]], run_dir: Path) -> list[Path]:
 
 def summary_table(summary: dict[str, Any]) -> str:
     keys = ["method", "rounds", "final_accuracy", "best_accuracy", "bytes_up_total",
-            "bytes_down_total", "wall_seconds", "epsilon_max", "rejected_total"]
+            "bytes_down_total", "wall_seconds", "epsilon_max", "epsilon_replay_max",
+            "rejected_total"]
     lines = []
     for key in keys:
         if key in summary and summary[key] is not None:

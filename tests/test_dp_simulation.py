@@ -63,6 +63,7 @@ def test_reported_epsilon_is_within_budget_and_equals_the_ledger(dp_sweep, metho
         assert spent <= client["epsilon"] <= spent + 0.01 + 1e-12
     summary = json.loads((run / "summary.json").read_text())
     assert max(final.values()) <= summary["epsilon_max"] <= max(final.values()) + 0.01 + 1e-12
+    assert summary["epsilon_replay_max"] == pytest.approx(max(final.values()), rel=1e-9)
     assert summary["delta"] == 1e-5
     statement = summary["privacy_statement"]
     assert "add/remove one training example" in statement["adjacency"]
