@@ -244,6 +244,12 @@ class Method(ABC):
             **extra,
         }
 
+    def _first_state(self, spec: AdapterSpec, factors: Factors,
+                     head: dict[str, torch.Tensor] | None, **meta: Any) -> GlobalState:
+        """The state before round 1: ``factors``, a copy of the initial head, the meta."""
+        head = {k: v.detach().clone() for k, v in (head or {}).items()}
+        return GlobalState(round=0, factors=factors, head=head, meta=self._meta(spec, **meta))
+
     def _check_state(self, state: GlobalState) -> None:
         got = state.meta.get("method")
         if got != self.name:

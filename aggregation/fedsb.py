@@ -114,8 +114,7 @@ class FedSB(Method):
             }
             for m, (d_out, d_in) in spec.shapes.items()
         }
-        head = {k: v.detach().clone() for k, v in (head or {}).items()}
-        return GlobalState(round=0, factors=factors, head=head, meta=self._meta(spec, init="random"))
+        return self._first_state(spec, factors, head, init="random")
 
     def init_from_gradients(
         self,

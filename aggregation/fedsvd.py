@@ -102,8 +102,7 @@ class FedSVD(Method):
             }
             for m, (d_out, d_in) in spec.shapes.items()
         }
-        head = {k: v.detach().clone() for k, v in (head or {}).items()}
-        return GlobalState(round=0, factors=factors, head=head, meta=self._meta(spec))
+        return self._first_state(spec, factors, head)
 
     def refactorizes(self, round: int) -> bool:
         """Whether the aggregation that completes ``round`` (1-based) refactorizes."""

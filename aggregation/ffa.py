@@ -53,8 +53,7 @@ class FFA(Method):
             m: {"A": shared_a(spec.seed, m, spec.rank, d_in), "B": torch.zeros(d_out, spec.rank)}
             for m, (d_out, d_in) in spec.shapes.items()
         }
-        head = {k: v.detach().clone() for k, v in (head or {}).items()}
-        return GlobalState(round=0, factors=factors, head=head, meta=self._meta(spec))
+        return self._first_state(spec, factors, head)
 
     def aggregate(self, state: GlobalState, updates: Sequence[ClientUpdate]) -> GlobalState:
         p = self._check_updates(state, updates)

@@ -101,8 +101,7 @@ class FLoRA(Method):
             m: {"B": torch.zeros(d_out, 0), "A": torch.zeros(0, d_in)}
             for m, (d_out, d_in) in spec.shapes.items()
         }
-        head = {k: v.detach().clone() for k, v in (head or {}).items()}
-        return GlobalState(round=0, factors=factors, head=head, meta=self._meta(spec))
+        return self._first_state(spec, factors, head)
 
     def aggregate(self, state: GlobalState, updates: Sequence[ClientUpdate]) -> GlobalState:
         p = self._check_updates(state, updates, fixed_rank=False)
