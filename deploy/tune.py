@@ -21,6 +21,7 @@ import hashlib
 import itertools
 import json
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -96,6 +97,8 @@ def run_trial(overrides: Sequence[str], runs_dir: Path, results: Path,
     key = trial_key([*fixed, *overrides])
     run_dir = (runs_dir / hashlib.sha256(key.encode()).hexdigest()[:12]).resolve()
     run_dir.parent.mkdir(parents=True, exist_ok=True)
+    if run_dir.exists():  # a trial killed earlier: its rows must not mix into this run's
+        shutil.rmtree(run_dir)
     log = run_dir.with_suffix(".log")
     cmd = [sys.executable, "-m", "fedlora.deploy.cli", "simulate", *fixed, *overrides,
            f"hydra.run.dir={run_dir}"]
