@@ -244,6 +244,12 @@ class Method(ABC):
             **extra,
         }
 
+    def _check_unit_interval(self, key: str) -> None:
+        """An option that must be a number in [0, 1) (e.g. a relative SVD cut-off)."""
+        value = self.options[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ValueError(f"{self.name}: {key} must be a number in [0, 1), got {value!r}")
+
     def _first_state(self, spec: AdapterSpec, factors: Factors,
                      head: dict[str, torch.Tensor] | None, **meta: Any) -> GlobalState:
         """The state before round 1: ``factors``, a copy of the initial head, the meta."""

@@ -81,9 +81,7 @@ class FedExLoRA(Method):
         super()._check_options()
         if not isinstance(self.options["compress"], bool):
             raise ValueError(f"fedex: compress must be true/false, got {self.options['compress']!r}")
-        rtol = self.options["rtol"]
-        if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 <= rtol < 1:
-            raise ValueError(f"fedex: rtol must be a number in [0, 1), got {rtol!r}")
+        self._check_unit_interval("rtol")
 
     # -- server side -------------------------------------------------------------------
     def init_state(

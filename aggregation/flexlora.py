@@ -92,9 +92,7 @@ class FlexLoRA(Method):
             raise ValueError(
                 f"flexlora: ranks must be a non-empty list of integers >= 1, got {ranks!r}"
             )
-        rtol = self.options["rtol"]
-        if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 <= rtol < 1:
-            raise ValueError(f"flexlora: rtol must be a number in [0, 1), got {rtol!r}")
+        self._check_unit_interval("rtol")
 
     # -- server side -------------------------------------------------------------------
     def init_state(

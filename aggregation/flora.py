@@ -90,9 +90,7 @@ class FLoRA(Method):
                              f"{self.options['alpha_per_rank']!r}")
         if not isinstance(self.options["compress"], bool):
             raise ValueError(f"flora: compress must be true/false, got {self.options['compress']!r}")
-        rtol = self.options["rtol"]
-        if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 <= rtol < 1:
-            raise ValueError(f"flora: rtol must be a number in [0, 1), got {rtol!r}")
+        self._check_unit_interval("rtol")
 
     def init_state(
         self, spec: AdapterSpec, head: dict[str, torch.Tensor] | None = None
