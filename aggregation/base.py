@@ -104,6 +104,11 @@ class Method(ABC):
     # Roles whose new global value is the weighted average of what clients sent, in a basis
     # that does not move between rounds: a server optimizer may step on (average - previous).
     server_step_roles: ClassVar[tuple[str, ...]] = ()
+    # Whether the new state depends on a round's updates only through the weighted mean of
+    # each uplink tensor and of the head. Then a sum formed without seeing the individual
+    # updates (secure aggregation) or with noise added (client-level DP) aggregates through
+    # aggregate_mean. Methods that need each update (stacking, residuals) leave it False.
+    sum_aggregated: ClassVar[bool] = False
     # The typed options: a dataclass whose fields use option(default, help).
     Options: ClassVar[type] = NoOptions
 
@@ -152,6 +157,30 @@ class Method(ABC):
     ) -> GlobalState:
         """The first state from the init round's updates (methods with init_round_roles)."""
         raise NotImplementedError(f"{self.name} has no init round")
+
+    def uplink_reference(self, state: GlobalState, round: int) -> Factors:
+        """What every client starts training from, for the roles it sends in ``round``.
+
+        A client's contribution is its update minus this (client-level DP clips it; secure
+        aggregation sums it). Tensors are shared with ``state``.
+        """
+        down = self.downlink(state, first_contact=True)
+        roles = self.uplink_in_round(round)
+        return {m: {r: down[m][r] for r in roles} for m in down}
+
+    def aggregate_mean(self, state: GlobalState, factors: Factors,
+                       head: dict[str, torch.Tensor]) -> GlobalState:
+        """The new state from the mean of the uplink tensors (and of the head) alone.
+
+        For sum_aggregated methods this equals ``aggregate(state, updates)`` when
+        ``factors`` and ``head`` are the updates' weighted means (a test checks it).
+        """
+        if not self.sum_aggregated:
+            raise TypeError(f"{self.name} needs the individual updates, not their mean")
+        spec = spec_from_meta(state.meta)
+        mean = ClientUpdate(factors=factors, num_examples=1, scaling=spec.scaling, head=head,
+                            node="mean of the round")
+        return self.aggregate(state, [mean])
 
     def _check_options(self) -> None:
         """Raise ValueError on a bad option value. Subclasses extend this."""

@@ -47,6 +47,7 @@ class FedAvg(Method):
     uplink_roles = ("A", "B")
     downlink_roles = ("A", "B")
     exact = False
+    sum_aggregated = True
     server_step_roles = ("A", "B")
 
     def init_state(

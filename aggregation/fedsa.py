@@ -60,6 +60,7 @@ class FedSALoRA(Method):
     downlink_roles = ("A",)  # plus the initial B = 0 at first contact
     # Not exact in the sense of the other methods: see the module docstring.
     exact = False
+    sum_aggregated = True
     personalized = True
     node_keeps = ("B",)
     server_step_roles = ("A",)

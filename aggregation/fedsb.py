@@ -61,6 +61,7 @@ class FedSB(Method):
     uplink_roles = ("R",)
     downlink_roles = ("R",)
     exact = True
+    sum_aggregated = True
     server_step_roles = ("R",)
     adapter_layer = "lora_sb"
     init_round_roles = ("G",)

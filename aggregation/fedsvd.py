@@ -81,6 +81,7 @@ class FedSVD(Method):
     uplink_roles = ("B",)
     downlink_roles = ("A", "B")
     exact = True
+    sum_aggregated = True
 
     @dataclass
     class Options:

@@ -44,6 +44,7 @@ class FFA(Method):
     uplink_roles = ("B",)
     downlink_roles = ("B",)
     exact = True
+    sum_aggregated = True
     server_step_roles = ("B",)
 
     def init_state(

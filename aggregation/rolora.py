@@ -63,6 +63,7 @@ class RoLoRA(Method):
     uplink_roles = ("A", "B")
     downlink_roles = ("A", "B")
     exact = True
+    sum_aggregated = True
     server_step_roles = ()  # the averaged role alternates: no stable basis to step in
 
     def uplink_in_round(self, round: int) -> tuple[str, ...]:
