@@ -121,3 +121,27 @@ def privacy_statement(cfg: Mapping[str, Any]) -> dict[str, Any]:
                      "sample rate q = b / N_k", "noise multiplier", "training time"],
         "weighting": ("uniform unless every node of a round declared public-num-examples"),
     }
+
+
+def client_level_statement(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """What client-level DP protects, and from whom (composes with the sample-level one)."""
+    section = cfg["privacy"]["client_level"]
+    secure = bool(cfg.get("secure_aggregation"))
+    return {
+        "guarantee": (f"client-level ({section['epsilon']}, {section['delta']})-DP over the "
+                      f"released global models (DP-FedAvg, accountant {section['accountant']}, "
+                      f"server ledger)"),
+        "adjacency": "add/remove one whole client (all of its data) from the federation",
+        "protects": ("everything one client contributes, against anyone who sees the global "
+                     "models: other clients, users of the final adapter"
+                     + ("; the server sees only the masked sum (distributed DP: the clients "
+                        "add the noise before secure aggregation)" if secure else
+                        "; NOT against the server, which sees each update before adding the "
+                        "noise (trusted server)")),
+        "sampling": ("Poisson, q = clients_per_round / num_clients (amplification counted)"
+                     if section["sampling"] == "poisson" else
+                     "fixed-size cohort, accounted as if every client took part every round"),
+        "composition": ("separate from the sample-level guarantee when both are on: each "
+                        "holds on its own (one for an example, one for a whole client)"),
+        "denominator": "the expected cohort size, fixed (weights by example count would leak)",
+    }

@@ -1,0 +1,145 @@
+"""The server's side of client-level DP (privacy/client_level.py has the math).
+
+The server samples the cohort (Poisson at q = m / N, or a fixed-size cohort accounted at
+q = 1), clips each update's difference from the round's reference to C (it is the trusted
+party; with secure aggregation the clients clip and add the noise themselves), adds the
+Gaussian noise to the sum, divides by the expected cohort m, and charges one step of
+(z, q) to its own ledger before anything is released. A round the budget cannot pay for
+is never started.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import secrets
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from fedlora.aggregation import ClientUpdate, GlobalState, Method
+from fedlora.privacy import PrivacyLedger
+from fedlora.privacy.client_level import (
+    ClientLevelConfig,
+    add_gaussian,
+    clip_to_norm,
+    difference,
+    next_clip,
+    plan,
+)
+from fedlora.privacy.common import secure_generator
+from fedlora.task.secure_sum import UNCLIPPED, named, split
+
+_log = logging.getLogger(__name__)
+LEDGER_NODE = "server-client-level"
+T = TypeVar("T")
+
+
+class ClientLevelDP:
+    """Cohort sampling, clipping, noise and the server's privacy ledger."""
+
+    def __init__(self, config: ClientLevelConfig, ledger_dir: str | Path, federation: str):
+        self.config = config
+        self.plan = plan(config)
+        self.ledger = PrivacyLedger.open(ledger_dir, federation=federation, node=LEDGER_NODE,
+                                         mechanism=config.accountant,
+                                         target_epsilon=config.epsilon, delta=config.delta)
+        # Resumed: adaptive clipping goes on from the clip of the last released round.
+        rounds = self.ledger.rounds
+        last = rounds[-1].get("max_grad_norm") if rounds else None
+        self.clip = float(last) if config.adaptive and last else config.clip
+        self._generator = secure_generator()
+        self._rng = secrets.SystemRandom()
+
+    # -- before a round ---------------------------------------------------------------------
+    def check_budget(self) -> float:
+        """Epsilon after one more round; raises BudgetExhausted if it would pass the budget."""
+        return self.ledger.check_budget(self.plan.noise_multiplier, self.plan.sample_rate, 1)
+
+    def sample(self, ordered: Sequence[T], seeded: random.Random) -> list[T]:
+        """Poisson: each client independently with probability q, from OS entropy (a seeded
+        draw would let anyone replay who took part). Otherwise a fixed-size cohort."""
+        if self.config.poisson:
+            q = self.plan.sample_rate
+            return [node for node in ordered if self._rng.random() < q]
+        return sorted(seeded.sample(list(ordered), self.config.cohort), key=ordered.index)
+
+    # -- the release ------------------------------------------------------------------------
+    def clipped_sum(self, contributions: Sequence[Mapping[str, torch.Tensor]],
+                    reference: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int, list[float]]:
+        """(sum of clipped differences, how many were not clipped, their norms)."""
+        total = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in reference.items()}
+        unclipped, norms = 0, []
+        for tensors in contributions:
+            clipped, norm = clip_to_norm(difference(tensors, reference), self.clip)
+            norms.append(norm)
+            unclipped += norm <= self.clip
+            for k, v in clipped.items():
+                total[k] += v
+        return total, unclipped, norms
+
+    def release(self, total: Mapping[str, torch.Tensor], unclipped: float | None,
+                round: int, *, noised: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The mean update (sum + noise) / m, charged to the ledger first.
+
+        ``noised``: the clients already added their noise shares and divided by m
+        (distributed DP under secure aggregation); ``unclipped`` is then the noised
+        fraction, else the exact count.
+        """
+        self.check_budget()
+        m = self.config.cohort
+        clip = self.clip
+        if noised:
+            mean = {k: v.double() for k, v in total.items() if k != UNCLIPPED}
+            fraction = unclipped
+        else:
+            std = self.plan.sum_noise_std(clip)
+            mean = {k: v / m for k, v in add_gaussian(total, std, self._generator).items()}
+            fraction = None
+            if self.config.adaptive and unclipped is not None:
+                noise = float(torch.randn((), generator=self._generator, dtype=torch.float64))
+                fraction = (unclipped + self.plan.count_noise * noise) / m
+        if self.config.adaptive and fraction is not None:
+            self.clip = next_clip(clip, fraction * m, self.config)
+        epsilon = self.ledger.record(self.plan.noise_multiplier, self.plan.sample_rate, 1,
+                                     round=round, max_grad_norm=clip)
+        report = {"client_level_epsilon": epsilon, "client_level_clip": clip,
+                  "client_level_noise_multiplier": self.plan.update_noise_multiplier}
+        if fraction is not None:
+            report["client_level_unclipped_fraction"] = float(fraction)
+        return mean, report
+
+    def aggregate(self, method: Method, state: GlobalState, updates: Sequence[ClientUpdate],
+                  round: int) -> tuple[GlobalState, dict[str, Any]]:
+        """Trusted server: clip each update's difference from where the clients started,
+        add noise to the sum, divide by the expected cohort, aggregate the mean."""
+        reference = named(method.uplink_reference(state, round), state.head)
+        contributions = [named(u.factors, u.head) for u in updates]
+        total, unclipped, _ = self.clipped_sum(contributions, reference)
+        mean, report = self.release(total, unclipped, round)
+        factors, head = split({k: reference[k].double() + v for k, v in mean.items()})
+        return method.aggregate_mean(state, cast_like(factors, state), cast_head(head, state)), report
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "client_level_epsilon": self.ledger.epsilon_spent,
+            "client_level_delta": self.config.delta,
+            "client_level_epsilon_target": self.config.epsilon,
+            "client_level_noise_multiplier": self.plan.noise_multiplier,
+            "client_level_sample_rate": self.plan.sample_rate,
+            "client_level_ledger": str(self.ledger.path),
+        }
+
+
+def cast_like(factors: dict[str, dict[str, torch.Tensor]], state: GlobalState | None
+              ) -> dict[str, dict[str, torch.Tensor]]:
+    """float64 sums back to the dtype of the state's factors (float32 before any state)."""
+    dtype = torch.float32 if state is None else next(
+        t.dtype for roles in state.factors.values() for t in roles.values())
+    return {m: {r: t.to(dtype) for r, t in roles.items()} for m, roles in factors.items()}
+
+
+def cast_head(head: dict[str, torch.Tensor], state: GlobalState) -> dict[str, torch.Tensor]:
+    return {k: v.to(state.head[k].dtype) for k, v in head.items()}
