@@ -24,8 +24,10 @@ from fedlora.protos import Envelope, decode, encode
 from fedlora.task import messages as msgs
 from fedlora.task.evaluate import evaluate
 from fedlora.task.release import check_release, released_metrics, released_privacy
+from fedlora.task.secure_sum import named
 from fedlora.task.training import round_lr
 
+from . import secure
 from .dp import DPSetup, dp_setup, private_seed
 from .faults import corrupt
 from .kept import keep_trained, with_kept_factors
@@ -94,8 +96,10 @@ def _refusal(release: _Release, msg: Message, reason: str, dp: DPSetup | None) -
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, config = _job(msg)
-    node = NodeIdentity(cfg, config, context)
     phase = str(config.get("phase", msgs.PHASE_TRAIN))
+    if phase in (msgs.PHASE_SECAGG_KEYS, msgs.PHASE_SECAGG_SHARES, msgs.PHASE_SECAGG_UNMASK):
+        return secure.handle_stage(msg, context, phase, config)
+    node = NodeIdentity(cfg, config, context)
     runtime = get_runtime(node.cfg, node.device)
     node.bind(runtime)
     dataset = node.dataset(runtime)
@@ -121,13 +125,18 @@ def train(msg: Message, context: Context) -> Message:
         generator = torch.Generator().manual_seed(secret_seed + 1)
         cache = ReplayCache(dp.ledger, round_, downlink_bytes, cfg)
         cached = cache.load() if dp.ledger.has_round(round_) else None
+        if cached is not None and _secure(msg):
+            # The cached reply is an unmasked update: it must never go to the server.
+            return _refusal(release, msg, "already trained this round; under secure "
+                            "aggregation an update is never re-sent", dp)
         if cached is not None:
             _log.info("%s: round %d already trained; re-sending the same update", node.name,
                       round_)
             return _reply(msg, cached[0], cached[1])
     if phase == msgs.PHASE_INIT:
         try:
-            return _init_round(msg, runtime, node, dataset, dp, round_, generator, release)
+            return _init_round(msg, context, runtime, node, dataset, dp, round_, generator,
+                               release)
         except BudgetExhausted as exc:
             return _refusal(release, msg, f"budget exhausted: {exc}", dp)
 
@@ -157,8 +166,16 @@ def train(msg: Message, context: Context) -> Message:
         rank=start.rank, fingerprint=runtime.fingerprint, node=node.name,
         privacy=None if dp is None else released_privacy(result.epsilon, dp),
     )
-    data = encode(envelope, cfg["wire_dtype"])
     fault = (cfg.get("faults") or {}).get(str(node.partition))
+    if _secure(msg):
+        if fault == "crash":  # after the shares were dealt: the others' masks must cancel
+            raise RuntimeError("fault injection: the client crashed while masking")
+        trained = named(envelope.factors, envelope.head)
+        uplink = runtime.method.uplink_in_round(round_)
+        started = named({m: {r: roles[r] for r in uplink} for m, roles in start.init.items()},
+                        downlink.head)
+        return _masked(msg, context, release, trained, started, config, result.epsilon, dp)
+    data = encode(envelope, cfg["wire_dtype"])
     if fault is not None:
         # str(): Hydra reads the kinds nan and inf as floats.
         data = corrupt(data, envelope, str(fault), cfg["wire_dtype"])
@@ -173,7 +190,8 @@ def train(msg: Message, context: Context) -> Message:
     return reply
 
 
-def _init_round(msg: Message, runtime: ClientRuntime, node: NodeIdentity, dataset,
+def _init_round(msg: Message, context: Context, runtime: ClientRuntime, node: NodeIdentity,
+                dataset,
                 dp: DPSetup | None, round_: int, generator: torch.Generator,
                 release: _Release) -> Message:
     """The method's init round: a (DP) gradient estimate of every target weight."""
@@ -199,11 +217,32 @@ def _init_round(msg: Message, runtime: ClientRuntime, node: NodeIdentity, datase
                                  for m, g in grads.items()},
                         num_examples=release.count, scaling=runtime.spec.scaling,
                         rank=runtime.spec.rank, fingerprint=runtime.fingerprint, node=node.name)
+    if _secure(msg):
+        zeros = {m: {r: torch.zeros_like(g) for r, g in roles.items()}
+                 for m, roles in envelope.factors.items()}
+        return _masked(msg, context, release, named(envelope.factors, {}), named(zeros, {}),
+                       msg.content.config_records[msgs.CONFIG],
+                       None if dp is None else dp.ledger.epsilon_spent, dp)
     data = encode(envelope, runtime.cfg["wire_dtype"])
     metrics = {"bytes-up": float(len(data))}
     if dp is not None:
         metrics.update(released_metrics(dp.ledger.epsilon_spent, dp))
     return release.reply(msg, envelope, data, metrics)
+
+
+def _secure(msg: Message) -> bool:
+    """The server runs this round under secure aggregation (it sent this node its shares)."""
+    return msgs.SECAGG in msg.content.config_records
+
+
+def _masked(msg: Message, context: Context, release: _Release, trained, started,
+            config: ConfigRecord, epsilon: float | None, dp: DPSetup | None) -> Message:
+    """Reply with the masked contribution and the released metrics, nothing else."""
+    _, vector = secure.contribution(trained, started, config)
+    metrics: dict[str, float] = {}
+    if dp is not None and epsilon is not None:
+        metrics.update(released_metrics(epsilon, dp))
+    return secure.masked_reply(release.reply(msg, None, None, metrics), msg, context, vector)
 
 
 @app.evaluate()

@@ -16,7 +16,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.aggregation import get_method
-from fedlora.task.release import privacy_statement
+from fedlora.task.release import client_level_statement, privacy_statement
 
 from .evaluation import CentralEvaluator
 from .progress import Progress
@@ -90,6 +90,11 @@ def run_server(grid: Grid, cfg: dict[str, Any], *, resume: bool = False) -> dict
         replay = _local_ledger_replay(cfg)
         if replay is not None:
             extra["epsilon_replay_max"] = replay
+    if strategy.client_dp is not None:
+        extra.update(strategy.client_dp.summary())
+        extra["client_level_statement"] = client_level_statement(cfg)
+    if cfg.get("secure_aggregation"):
+        extra["secure_aggregation"] = strategy.secure_summary()
     summary = summarize(strategy.metrics.rows, method.name, extra)
     write_json_atomic(run_dir / "summary.json", summary)
     plot(strategy.metrics.rows, run_dir)

@@ -37,6 +37,12 @@ def format_round(row: dict[str, Any], total: int) -> str:
         parts.append(f"loss {row['loss']:.4f}")
     if row.get("epsilon_max") is not None:
         parts.append(f"epsilon {row['epsilon_max']:.3f}")
+    if row.get("client_level_epsilon") is not None:
+        parts.append(f"client-level epsilon {row['client_level_epsilon']:.3f}")
+    secure = row.get("secure_aggregation")
+    if secure:
+        parts.append(f"secure sum of {secure['survivors']}"
+                     + (f" ({len(secure['dropped'])} dropped)" if secure["dropped"] else ""))
     for key in ("rejected", "refused", "lost"):
         if row[key]:
             parts.append(f"{len(row[key])} {key}")

@@ -125,11 +125,11 @@ def plot(rows: Sequence[dict[str, Any]], run_dir: Path) -> list[Path]:
 def summary_table(summary: dict[str, Any]) -> str:
     keys = ["method", "rounds", "final_accuracy", "best_accuracy", "bytes_up_total",
             "bytes_down_total", "wall_seconds", "epsilon_max", "epsilon_replay_max",
-            "rejected_total"]
+            "client_level_epsilon", "rejected_total"]
     lines = []
     for key in keys:
         if key in summary and summary[key] is not None:
             value = summary[key]
             text = f"{value:.4f}" if isinstance(value, float) else str(value)
-            lines.append(f"  {key:<18} {text}")
+            lines.append(f"  {key:<20} {text}")
     return "\n".join(lines)

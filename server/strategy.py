@@ -28,8 +28,10 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedlora.aggregation import GlobalState, Method
+from fedlora.privacy import BudgetExhausted
 from fedlora.protos import Envelope, Expectation, encode, payload_bytes
 from fedlora.task import messages as msgs
+from fedlora.task.secure_sum import client_level_config
 from fedlora.task.training import ServerOptimizerConfig, round_lr
 
 from .checkpoint import (
@@ -38,12 +40,14 @@ from .checkpoint import (
     load_optimizer_state,
     save_checkpoint,
 )
+from .client_dp import ClientLevelDP
 from .evaluation import CentralEvaluator
 from .exchange import MessageExchange, NodeInfo
 from .intake import RoundOutcome, collect, released_weights
 from .optimizer import ServerOptimizer
 from .progress import Progress
 from .report import MetricsLog
+from .secure_training import SecureTraining
 
 _log = logging.getLogger(__name__)
 
@@ -75,6 +79,12 @@ class FedLoraStrategy:
         self._sent_payload: dict[int, int] = {}
         self._downlink_cache: dict[tuple[int, int, bool, int | None], tuple[bytes, int]] = {}
         self.init_bytes_up = 0
+        client_level = client_level_config(cfg)
+        self.client_dp = None if client_level is None else ClientLevelDP(
+            client_level, cfg["privacy"]["client_level"].get("ledger_dir")
+            or self.run_dir / "privacy", str(cfg["run_name"]))
+        self._round_report: dict[str, Any] = {}
+        self.secure = SecureTraining(self) if cfg.get("secure_aggregation") else None
 
     # -- messages ---------------------------------------------------------------------------
     def _train_messages(self, server_round: int) -> list[Message]:
@@ -126,6 +136,8 @@ class FedLoraStrategy:
         if first == 1 and self.method.init_round_roles and not resume:
             self._init_round()
         for server_round in range(first, int(self.fed["rounds"]) + 1):
+            if not self._budget_allows(server_round):
+                break
             row = self.round(grid, server_round)
             if on_round is not None:
                 on_round(row)
@@ -133,17 +145,23 @@ class FedLoraStrategy:
 
     def round(self, grid: Grid, server_round: int) -> dict[str, Any]:
         started = time.perf_counter()
-        messages = self._train_messages(server_round)
-        bytes_down = {m.metadata.dst_node_id: self._sent_bytes[m.metadata.dst_node_id]
-                      for m in messages}
-        replies, missing = self.exchange.push_pull(messages, server_round)
-        outcome = collect(replies, f"round {server_round}",
-                          lambda node_id: self._expectation(server_round, node_id),
-                          self._name, self._partition)
-        for node_id in missing:
-            outcome.lost.append({"node": self._name(node_id), "reason": "no reply before the "
-                                 f"round timeout ({self.timeout:g} s)"})
-        skipped, error = self._aggregate(server_round, outcome)
+        self._round_report = {}
+        if self.secure is not None:
+            outcome, bytes_down, skipped = self.secure.train_round(
+                server_round, self.sample(server_round))
+            error = None
+        else:
+            messages = self._train_messages(server_round)
+            bytes_down = {m.metadata.dst_node_id: self._sent_bytes[m.metadata.dst_node_id]
+                          for m in messages}
+            replies, missing = self.exchange.push_pull(messages, server_round)
+            outcome = collect(replies, f"round {server_round}",
+                              lambda node_id: self._expectation(server_round, node_id),
+                              self._name, self._partition)
+            for node_id in missing:
+                outcome.lost.append({"node": self._name(node_id), "reason": "no reply before "
+                                     f"the round timeout ({self.timeout:g} s)"})
+            skipped, error = self._aggregate(server_round, outcome)
         for client in outcome.clients:
             client["bytes_down"] = bytes_down.get(client.pop("_node_id"), 0)
         row: dict[str, Any] = {
@@ -159,6 +177,7 @@ class FedLoraStrategy:
             "lost": outcome.lost,
             "skipped": skipped,
             "lr": round_lr(self.cfg, server_round),
+            **self._round_report,
         }
         epsilons = [c["epsilon"] for c in outcome.clients if c.get("epsilon") is not None]
         row["epsilon_max"] = max(epsilons) if epsilons else None
@@ -185,18 +204,39 @@ class FedLoraStrategy:
             self.state = GlobalState(server_round, before.factors, before.head, before.meta)
             return True, None
         updates = released_weights(outcome.updates)
-        averaged = self.method.aggregate(before, updates)
-        errors = self.method.aggregation_error(before, updates, averaged)
+        if self.client_dp is not None:
+            averaged, report = self.client_dp.aggregate(self.method, before, updates,
+                                                        server_round)
+            self._round_report.update(report)
+            errors = None
+        else:
+            averaged = self.method.aggregate(before, updates)
+            errors = self.method.aggregation_error(before, updates, averaged)
         # The method's aggregate is exact (or its error is reported) before this step.
         self.state = self.server_optimizer.step(before, averaged)
         return False, None if errors is None else float(sum(e * e for e in errors.values()) ** 0.5)
 
     def sample(self, server_round: int) -> list[NodeInfo]:
-        """Deterministic in (seed, round): a resumed run samples the same partitions."""
+        """Deterministic in (seed, round): a resumed run samples the same partitions
+        (client-level DP with Poisson sampling draws from OS entropy instead)."""
         ordered = sorted(self.nodes.values(), key=lambda n: n.partition)
         count = min(int(self.fed["clients_per_round"]), len(ordered))
         rng = random.Random(f"{self.fed['seed']}:sample:{server_round}")
+        if self.client_dp is not None:
+            return self.client_dp.sample(ordered, rng)
         return sorted(rng.sample(ordered, count), key=lambda n: n.partition)
+
+    def _budget_allows(self, server_round: int) -> bool:
+        """Client-level DP: never start a round whose release the budget cannot pay for."""
+        if self.client_dp is None:
+            return True
+        try:
+            self.client_dp.check_budget()
+        except BudgetExhausted as exc:
+            self.progress.line(f"stopping before round {server_round}: client-level budget "
+                               f"exhausted ({exc})")
+            return False
+        return True
 
     # -- internals ------------------------------------------------------------------------------
     def _job(self) -> dict[str, Any]:
@@ -279,6 +319,17 @@ class FedLoraStrategy:
         messages = [Message(RecordDict({msgs.ENVELOPE: msgs.envelope_record(empty),
                                         msgs.CONFIG: config}), n.node_id, MessageType.TRAIN)
                     for n in nodes]
+        if self.secure is not None:
+            by_node = {m.metadata.dst_node_id: m for m in messages}
+            state, result = self.secure.init_round(nodes, lambda info: by_node[info.node_id])
+            if state is None:
+                raise RuntimeError(f"{self.method.name} init round under secure aggregation "
+                                   f"released nothing: {result.reason}")
+            self.state, self.init_bytes_up = state, result.bytes_up
+            self.progress.line(f"{self.method.name} init round (secure aggregation): "
+                               f"{len(result.survivors)} contributions summed, "
+                               f"{time.perf_counter() - started:.1f} s")
+            return
         replies, _ = self.exchange.push_pull(messages, 0, label="init round",
                                              timeout=self.connect_timeout)
         shapes = dict(self.spec.shapes)
@@ -317,6 +368,9 @@ class FedLoraStrategy:
                 out.update(client_metrics)
         return out
 
+    def secure_summary(self) -> dict[str, Any]:
+        return self.secure.summary() if self.secure is not None else {}
+
     def _checkpoint_extra(self) -> dict[str, Any]:
         return {"method": self.method.name, "fingerprint": self.evaluator.fingerprint}
 
@@ -334,3 +388,4 @@ class FedLoraStrategy:
         self.contacted = set()
         self.progress.line(f"resuming from {path.name} (round {state.round} complete)")
         return state.round
+

@@ -23,6 +23,12 @@ JOB_CONFIG_KEY = "fedlora-config"
 PHASE_DESCRIBE = "describe"   # the node tells its partition, released size and rank
 PHASE_INIT = "init"           # the method's init round (e.g. gradient estimates)
 PHASE_TRAIN = "train"
+# Secure aggregation's stages around a round's training message (client/secure.py).
+PHASE_SECAGG_KEYS = "secagg-keys"
+PHASE_SECAGG_SHARES = "secagg-shares"
+PHASE_SECAGG_UNMASK = "secagg-unmask"
+# The record (ConfigRecord / ArrayRecord) that carries the protocol's payloads.
+SECAGG = "secagg"
 
 
 def node_name(partition: int) -> str:

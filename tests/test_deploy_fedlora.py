@@ -14,14 +14,18 @@ pytestmark = pytest.mark.integration
 TINY = ["model=tiny_bert", "data=synthetic"]
 
 
-def test_deploy_local_fedsvd_three_nodes(tmp_path):
-    run = tmp_path / "fedsvd"
-    proc = run_fedlora(["deploy", "local", "--nodes", "3", *TINY, "strategy=fedsvd",
-                        "federation.rounds=2", f"hydra.run.dir={run}"])
+def test_deploy_local_four_nodes_secure_aggregation(tmp_path):
+    """The four stages of secure aggregation as real messages over TLS + node auth."""
+    run = tmp_path / "ffa"
+    proc = run_fedlora(["deploy", "local", "--nodes", "4", *TINY, "strategy=ffa",
+                        "secure_aggregation=true", "federation.rounds=2",
+                        f"hydra.run.dir={run}"])
     assert "TLS + node auth" in proc.stdout + proc.stderr
     rows = read_metrics(run)
     assert [r["round"] for r in rows] == [1, 2]
-    assert all(len(r["clients"]) == 3 for r in rows)
+    assert all(len(r["clients"]) == 4 for r in rows)
+    assert all(r["secure_aggregation"]["survivors"] == 4 and r["adapter_bytes_up"] == 0
+               for r in rows)
     assert (run / "summary.json").is_file() and (run / "adapter" / "adapter_config.json").is_file()
 
 
@@ -34,7 +38,7 @@ def test_node_side_ledgers_survive_a_second_run(tmp_path):
     """
     ledgers = tmp_path / "node-ledgers"
     args = ["deploy", "local", "--nodes", "3", "--ledger-root", str(ledgers), *TINY,
-            "strategy=ffa", "privacy=dp", "privacy.epsilon=3", "run_name=edge-fed"]
+            "strategy=fedsvd", "privacy=dp", "privacy.epsilon=3", "run_name=edge-fed"]
     first = tmp_path / "run1"
     run_fedlora([*args, "federation.rounds=2", f"hydra.run.dir={first}"])
     files = sorted(ledgers.glob("partition-*/privacy/*.privacy.json"))

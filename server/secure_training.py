@@ -1,0 +1,181 @@
+"""A training round (and the init round) under secure aggregation: who gets which weight
+and instructions, and how the unmasked sum becomes the next global state.
+
+Without client-level DP each node's contribution is p_k (trained - start), p_k its share
+of the cohort's released example counts (uniform when any count is withheld), and the
+server divides the sum by the survivors' sum of p_k: the weighted mean of the survivors,
+as without secure aggregation, up to the quantization bound. With client-level DP every
+node clips to C, adds its share of the noise (distributed DP) and scales by 1/m: the sum
+is the released, noised mean, charged to the server's ledger.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from flwr.app import Message, MessageType
+
+from fedlora.aggregation import ClientUpdate, GlobalState
+from fedlora.task import messages as msgs
+from fedlora.task.secure_sum import UNCLIPPED, Layout, named, secagg_threshold, split
+
+from .client_dp import cast_head, cast_like
+from .intake import RoundOutcome
+from .secure_round import SecureOutcome, SecureRound
+
+if TYPE_CHECKING:
+    from .exchange import NodeInfo
+    from .strategy import FedLoraStrategy
+
+
+class SecureTraining:
+    def __init__(self, strategy: FedLoraStrategy):
+        self.strategy = strategy
+        self.threshold = secagg_threshold(strategy.cfg)
+        self.rounds: list[dict[str, Any]] = []
+
+    def _driver(self) -> SecureRound:
+        s = self.strategy
+        return SecureRound(s.cfg, s.exchange, s._job(), self.threshold)
+
+    def _weights(self, cohort: list[NodeInfo]) -> dict[int, float]:
+        s = self.strategy
+        if s.client_dp is not None:
+            return {n.node_id: 1.0 / s.client_dp.config.cohort for n in cohort}
+        counts = [n.examples for n in cohort]
+        if s.method.weighting == "examples" and all(c for c in counts):
+            total = float(sum(counts))  # type: ignore[arg-type]
+            return {n.node_id: n.examples / total for n in cohort}  # type: ignore[operator]
+        return {n.node_id: 1.0 / len(cohort) for n in cohort}
+
+    def _instructions(self) -> dict[str, Any]:
+        dp = self.strategy.client_dp
+        if dp is None:
+            return {}
+        out = {"secagg-clip": dp.clip,
+               "secagg-noise-std": dp.plan.client_noise_std(dp.clip, self.threshold)}
+        if dp.config.adaptive:
+            out.update({"secagg-unclipped": True,
+                        "secagg-count-noise-std": dp.plan.count_noise / self.threshold ** 0.5})
+        return out
+
+    def train_round(self, server_round: int, cohort: list[NodeInfo]
+                    ) -> tuple[RoundOutcome, dict[int, int], bool]:
+        """(outcome, bytes down per node, skipped)."""
+        s = self.strategy
+        weights = self._weights(cohort)
+        extra = self._instructions()
+        bytes_down: dict[int, int] = {}
+
+        def message(info: NodeInfo) -> Message:
+            m = s._message(info, server_round, msgs.PHASE_TRAIN, MessageType.TRAIN)
+            bytes_down[info.node_id] = s._sent_bytes[info.node_id]
+            record = m.content.config_records[msgs.CONFIG]
+            record["secagg-scale"] = weights[info.node_id]
+            for key, value in extra.items():
+                record[key] = value
+            return m
+
+        result = self._driver().run(cohort, server_round, message)
+        outcome = self._outcome(result)
+        before = s.state
+        minimum = max(int(s.fed["min_clients"]), self.threshold)
+        if result.total is None or len(result.survivors) < minimum:
+            s.state = GlobalState(server_round, before.factors, before.head, before.meta)
+            self._log(server_round, result, None)
+            return outcome, bytes_down, True
+        reference = named(s.method.uplink_reference(before, server_round), before.head)
+        adaptive = s.client_dp is not None and s.client_dp.config.adaptive
+        layout = Layout.of_named(reference, unclipped=adaptive)
+        total = layout.unflatten(self._snap(result.total, len(cohort), len(result.survivors)))
+        if s.client_dp is not None:
+            fraction = float(total[UNCLIPPED]) if adaptive else None
+            mean, report = s.client_dp.release(total, fraction, server_round, noised=True)
+            s._round_report.update(report)
+            share = 1.0
+        else:
+            share = sum(weights[n.node_id] for n in result.survivors)
+            mean = {k: v / share for k, v in total.items()}
+        factors, head = split({k: reference[k].double() + mean[k] for k in reference})
+        averaged = s.method.aggregate_mean(before, cast_like(factors, before),
+                                           cast_head(head, before))
+        s.state = s.server_optimizer.step(before, averaged)
+        # Quantization error of the released mean, per coordinate (task/secagg.py).
+        bound = self._driver().params(len(cohort)).sum_error_bound(len(result.survivors))
+        self._log(server_round, result, bound / share)
+        return outcome, bytes_down, False
+
+    def init_round(self, cohort: list[NodeInfo], message: Any) -> tuple[GlobalState | None, SecureOutcome]:
+        """The method's init round through secure aggregation: the mean of what clients
+        send (e.g. Fed-SB's gradient estimates), as init_from_updates needs."""
+        s = self.strategy
+        weights = self._weights(cohort)
+
+        def build(info: NodeInfo) -> Message:
+            m = message(info)
+            m.content.config_records[msgs.CONFIG]["secagg-scale"] = weights[info.node_id]
+            return m
+
+        result = self._driver().run(cohort, 0, build)
+        self._log(0, result, None)
+        if result.total is None:
+            return None, result
+        zeros = {m: {r: torch.zeros(shape, dtype=torch.float64)
+                     for r in s.method.init_round_roles}
+                 for m, shape in s.spec.shapes.items()}
+        layout = Layout.of(zeros, {})
+        share = sum(weights[n.node_id] for n in result.survivors)
+        total = self._snap(result.total, len(cohort), len(result.survivors))
+        factors, _ = split({k: v / share for k, v in layout.unflatten(total).items()})
+        mean = ClientUpdate(factors=cast_like(factors, None), num_examples=1,
+                            scaling=s.spec.scaling, node="mean of the init round")
+        return s.method.init_from_updates(s.spec, [mean], head=s.evaluator.initial_head), result
+
+    def _snap(self, total: np.ndarray, cohort: int, survivors: int) -> np.ndarray:
+        """Sums within the quantization error of zero are released as exactly zero: a sum
+        of exact zeros (e.g. a gradient entry no example touches) must stay zero for
+        methods that take its sign, and the change is inside the stated bound."""
+        bound = self._driver().params(cohort).sum_error_bound(survivors)
+        return np.where(np.abs(total) <= bound, 0.0, total)
+
+    def _outcome(self, result: SecureOutcome) -> RoundOutcome:
+        outcome = RoundOutcome(bytes_up=result.bytes_up)
+        s = self.strategy
+        for reply in result.replies:
+            if reply.has_error():
+                continue
+            info = s.nodes.get(reply.metadata.src_node_id)
+            metrics = reply.content.metric_records.get(msgs.METRICS)
+            name = info.name if info else str(reply.metadata.src_node_id)
+            if metrics is not None and float(metrics.get("refused", 0.0)):
+                notes = reply.content.config_records.get(msgs.CONFIG)
+                outcome.refused.append({"node": name, "reason": str(
+                    notes.get("reason", "refused") if notes else "refused")})
+                continue
+            client: dict[str, Any] = {"node": name, "_node_id": reply.metadata.src_node_id,
+                                      "bytes_up": int(metrics.get("bytes-up", 0)) if metrics else 0}
+            if metrics is not None and "epsilon" in metrics:
+                client.update({"epsilon": float(metrics["epsilon"]),
+                               "delta": float(metrics["delta"])})
+            outcome.clients.append(client)
+        outcome.lost.extend(result.dropped)
+        return outcome
+
+    def _log(self, server_round: int, result: SecureOutcome, bound: float | None) -> None:
+        row = {"round": server_round, "survivors": len(result.survivors),
+               "dropped": result.dropped, "released": result.total is not None,
+               "reason": result.reason, "bytes_up": result.bytes_up,
+               "bytes_down_keys": result.bytes_down,
+               "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
+               "mean_error_bound": bound}
+        self.rounds.append(row)
+        self.strategy._round_report["secure_aggregation"] = row
+        if result.reason:
+            self.strategy.progress.line(f"round {server_round}: secure aggregation released "
+                                        f"nothing: {result.reason}")
+
+    def summary(self) -> dict[str, Any]:
+        return {"threshold": self.threshold, "rounds": self.rounds}
+
