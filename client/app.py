@@ -1,268 +1,36 @@
-"""The fedlora ClientApp (Flower Message API): the train and evaluate handlers.
+"""The fedlora ClientApp (Flower Message API).
 
-The server sends each round one adapter envelope (protobuf, fedlora.protos) and the job
-config; the client applies it as its method prescribes, trains ``local_steps`` steps
-(DP-SGD when privacy is on), and replies with its own envelope and metrics. What a node
-is (node config keys) lives in node.py, its DP setup in dp.py, what it may release under
-DP in task/release.py, factors it keeps between rounds in kept.py, and resent updates in
-replay.py.
+In a deployment Flower 1.39 starts a ClientApp process for every message, so this module
+imports only what routing needs: secure aggregation's key, share and unmask stages
+(client/secure.py) never load torch or the model; training and evaluation import the
+model stack on first use (client/handlers.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import logging
-from typing import Any
-
-import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedlora.privacy import BudgetExhausted, DPSettings, LedgerError
-from fedlora.protos import Envelope, decode, encode
 from fedlora.task import messages as msgs
-from fedlora.task.evaluate import evaluate
-from fedlora.task.release import check_release, released_metrics, released_privacy
-from fedlora.task.secure_sum import named
-from fedlora.task.training import round_lr
 
-from . import secure
-from .dp import DPSetup, dp_setup, private_seed
-from .faults import corrupt
-from .kept import keep_trained, with_kept_factors
-from .node import NodeIdentity, round_seed
-from .replay import ReplayCache
-from .runtime import ClientRuntime, get_runtime
-from .train import gradient_estimate, train_plain, train_private
-
-_log = logging.getLogger(__name__)
 app = ClientApp()
-
-# What a client can send in an init round, by role: "G" is the (DP) mean gradient of each
-# target weight over init_round_steps() batches (e.g. LoRA-SB's init).
-_INIT_ROLES = ("G",)
-
-
-def _job(msg: Message) -> tuple[dict[str, Any], ConfigRecord]:
-    config = msg.content.config_records[msgs.CONFIG]
-    return json.loads(str(config[msgs.JOB_CONFIG_KEY])), config
-
-
-def _reply(msg: Message, envelope: bytes | None, metrics: dict[str, float],
-           notes: dict[str, str] | None = None) -> Message:
-    content = RecordDict({msgs.METRICS: MetricRecord(metrics)})
-    if envelope is not None:
-        content[msgs.ENVELOPE] = msgs.envelope_record(envelope)
-    if notes:
-        content[msgs.CONFIG] = ConfigRecord(notes)
-    return Message(content=content, reply_to=msg)
-
-
-class _Release:
-    """The reply this node may send: everything without DP; under DP only what
-    task/release.py classifies (checked before anything leaves)."""
-
-    def __init__(self, node: NodeIdentity, num_examples: int, private: bool):
-        self.node, self.private = node, private
-        self.base: dict[str, float] = {"partition-id": float(node.partition),
-                                       "rank": float(node.rank)}
-        count = node.public_num_examples if private else num_examples
-        # 0 in the envelope = "not released": the server then weighs the round uniformly.
-        self.count = int(count or 0)
-        if count is not None:
-            self.base["num-examples"] = float(count)
-
-    def reply(self, msg: Message, envelope: Envelope | None, data: bytes | None,
-              metrics: dict[str, float], notes: dict[str, str] | None = None) -> Message:
-        metrics = dict(self.base, **metrics)
-        if self.private:
-            # Every envelope field that carries something (a new field must be classified).
-            fields = None if envelope is None else {
-                f.name: value for f in dataclasses.fields(envelope)
-                if (value := getattr(envelope, f.name)) not in (None, {}, "", 0)}
-            check_release(metrics, fields, None if envelope is None else envelope.privacy,
-                          declared_size=self.node.public_num_examples is not None)
-        return _reply(msg, data, metrics, notes)
-
-
-def _refusal(release: _Release, msg: Message, reason: str, dp: DPSetup | None) -> Message:
-    metrics: dict[str, float] = {"refused": 1.0}
-    if dp is not None:
-        metrics.update(released_metrics(dp.ledger.epsilon_spent, dp))
-    return release.reply(msg, None, None, metrics, {"reason": reason})
+_STAGES = (msgs.PHASE_SECAGG_KEYS, msgs.PHASE_SECAGG_SHARES, msgs.PHASE_SECAGG_UNMASK)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg, config = _job(msg)
-    phase = str(config.get("phase", msgs.PHASE_TRAIN))
-    if phase in (msgs.PHASE_SECAGG_KEYS, msgs.PHASE_SECAGG_SHARES, msgs.PHASE_SECAGG_UNMASK):
-        return secure.handle_stage(msg, context, phase, config)
-    node = NodeIdentity(cfg, config, context)
-    runtime = get_runtime(node.cfg, node.device)
-    node.bind(runtime)
-    dataset = node.dataset(runtime)
-    private = bool(cfg["privacy"].get("enabled"))
-    release = _Release(node, len(dataset), private)
-    if phase == msgs.PHASE_DESCRIBE:
-        return release.reply(msg, None, None, {})
-    round_ = int(config["server-round"])
-    seed = round_seed(cfg, round_, node.partition)
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed + 1)
-    try:
-        dp = dp_setup(node.cfg, node, len(dataset), runtime.method.init_round_steps())
-    except LedgerError as exc:
-        _log.warning("%s refuses round %d: %s", node.name, round_, exc)
-        return _refusal(release, msg, f"privacy ledger unavailable: {exc}", None)
-    downlink_bytes = msgs.envelope_bytes(msg.content)
-    downlink = decode(downlink_bytes)
-    cache = None
-    if dp is not None:
-        secret_seed = private_seed(dp.ledger, round_)
-        torch.manual_seed(secret_seed)
-        generator = torch.Generator().manual_seed(secret_seed + 1)
-        cache = ReplayCache(dp.ledger, round_, downlink_bytes, cfg)
-        cached = cache.load() if dp.ledger.has_round(round_) else None
-        if cached is not None and _secure(msg):
-            # The cached reply is an unmasked update: it must never go to the server.
-            return _refusal(release, msg, "already trained this round; under secure "
-                            "aggregation an update is never re-sent", dp)
-        if cached is not None:
-            _log.info("%s: round %d already trained; re-sending the same update", node.name,
-                      round_)
-            return _reply(msg, cached[0], cached[1])
-    if phase == msgs.PHASE_INIT:
-        try:
-            return _init_round(msg, context, runtime, node, dataset, dp, round_, generator,
-                               release)
-        except BudgetExhausted as exc:
-            return _refusal(release, msg, f"budget exhausted: {exc}", dp)
+    phase = str(msg.content.config_records[msgs.CONFIG].get("phase", msgs.PHASE_TRAIN))
+    if phase in _STAGES:
+        from .secure import handle_stage
 
-    factors = with_kept_factors(context, runtime, downlink.factors)
-    start = runtime.method.client_start(factors, runtime.spec, rank=node.rank,
-                                        seed=seed % 2**31, round=round_)
-    model = runtime.host.start(start, downlink.head)
-    strategy = dict(cfg["strategy"], lr=round_lr(cfg, round_))
-    try:
-        if dp is None:
-            result = train_plain(model, dataset, strategy, runtime.task, runtime.device,
-                                 generator)
-        else:
-            result = train_private(model, dataset, strategy, runtime.task, runtime.device,
-                                   generator, dp.settings, dp.ledger, round_, dp.budget)
-    except BudgetExhausted as exc:
-        _log.warning("%s refuses round %d: %s", node.name, round_, exc)
-        return _refusal(release, msg, f"budget exhausted: {exc}", dp)
-    keep_trained(context, runtime, start.trainable)
-    # The node's own log keeps what it does not release (under DP: loss and timing).
-    _log.info("%s round %d: train loss %.4f, %.1f s", node.name, round_, result.train_loss,
-              result.seconds)
-    envelope = Envelope(
-        method=runtime.method.name, round=round_, direction="up",
-        factors=runtime.host.factors(runtime.method.uplink_in_round(round_)),
-        head=runtime.host.head_state(), num_examples=release.count, scaling=start.scaling,
-        rank=start.rank, fingerprint=runtime.fingerprint, node=node.name,
-        privacy=None if dp is None else released_privacy(result.epsilon, dp),
-    )
-    fault = (cfg.get("faults") or {}).get(str(node.partition))
-    if _secure(msg):
-        if fault == "crash":  # after the shares were dealt: the others' masks must cancel
-            raise RuntimeError("fault injection: the client crashed while masking")
-        trained = named(envelope.factors, envelope.head)
-        uplink = runtime.method.uplink_in_round(round_)
-        started = named({m: {r: roles[r] for r in uplink} for m, roles in start.init.items()},
-                        downlink.head)
-        return _masked(msg, context, release, trained, started, config, result.epsilon, dp)
-    data = encode(envelope, cfg["wire_dtype"])
-    if fault is not None:
-        # str(): Hydra reads the kinds nan and inf as floats.
-        data = corrupt(data, envelope, str(fault), cfg["wire_dtype"])
-    metrics = {"bytes-up": float(len(data))}
-    if dp is None:
-        metrics.update({"train-loss": result.train_loss, "train-seconds": result.seconds})
-    else:
-        metrics.update(released_metrics(result.epsilon, dp))
-    reply = release.reply(msg, envelope, data, metrics)
-    if cache is not None:
-        cache.store(data, dict(release.base, **metrics))
-    return reply
+        return handle_stage(msg, context, phase, msg.content.config_records[msgs.CONFIG])
+    from .handlers import train as train_round
 
-
-def _init_round(msg: Message, context: Context, runtime: ClientRuntime, node: NodeIdentity,
-                dataset,
-                dp: DPSetup | None, round_: int, generator: torch.Generator,
-                release: _Release) -> Message:
-    """The method's init round: a (DP) gradient estimate of every target weight."""
-    unsupported = sorted(set(runtime.method.init_round_roles) - set(_INIT_ROLES))
-    if unsupported:
-        raise NotImplementedError(f"{runtime.method.name}: the client cannot produce init-round "
-                                  f"roles {unsupported} (it can: {list(_INIT_ROLES)})")
-    strategy = runtime.cfg["strategy"]
-    steps = runtime.method.init_round_steps()
-    if dp is None:
-        settings = DPSettings(noise_multiplier=0.0, max_grad_norm=1e12,
-                              sample_rate=int(strategy["batch_size"]) / len(dataset), steps=steps)
-        ledger = None
-    else:
-        settings = DPSettings(**{**dp.settings.__dict__, "steps": steps})
-        ledger = dp.ledger
-        ledger.check_budget(settings.noise_multiplier, settings.sample_rate, steps)
-    model = runtime.host.base.train()
-    grads = gradient_estimate(model, runtime.host.linears, dataset, strategy, runtime.task,
-                              runtime.device, generator, settings, ledger, round_)
-    envelope = Envelope(method=runtime.method.name, round=round_, direction="up",
-                        factors={m: {role: g for role in runtime.method.init_round_roles}
-                                 for m, g in grads.items()},
-                        num_examples=release.count, scaling=runtime.spec.scaling,
-                        rank=runtime.spec.rank, fingerprint=runtime.fingerprint, node=node.name)
-    if _secure(msg):
-        zeros = {m: {r: torch.zeros_like(g) for r, g in roles.items()}
-                 for m, roles in envelope.factors.items()}
-        return _masked(msg, context, release, named(envelope.factors, {}), named(zeros, {}),
-                       msg.content.config_records[msgs.CONFIG],
-                       None if dp is None else dp.ledger.epsilon_spent, dp)
-    data = encode(envelope, runtime.cfg["wire_dtype"])
-    metrics = {"bytes-up": float(len(data))}
-    if dp is not None:
-        metrics.update(released_metrics(dp.ledger.epsilon_spent, dp))
-    return release.reply(msg, envelope, data, metrics)
-
-
-def _secure(msg: Message) -> bool:
-    """The server runs this round under secure aggregation (it sent this node its shares)."""
-    return msgs.SECAGG in msg.content.config_records
-
-
-def _masked(msg: Message, context: Context, release: _Release, trained, started,
-            config: ConfigRecord, epsilon: float | None, dp: DPSetup | None) -> Message:
-    """Reply with the masked contribution and the released metrics, nothing else."""
-    _, vector = secure.contribution(trained, started, config)
-    metrics: dict[str, float] = {}
-    if dp is not None and epsilon is not None:
-        metrics.update(released_metrics(epsilon, dp))
-    return secure.masked_reply(release.reply(msg, None, None, metrics), msg, context, vector)
+    return train_round(msg, context)
 
 
 @app.evaluate()
-def evaluate_global(msg: Message, context: Context) -> Message:
-    """Evaluate the global model (with any factors this node keeps) on this node's data.
+def evaluate(msg: Message, context: Context) -> Message:
+    from .handlers import evaluate_global
 
-    The accuracy of a model on private data is itself a statistic of that data: the server
-    asks for it only when federation.fraction_evaluate > 0, which a private job should
-    leave at 0 (it is not accounted).
-    """
-    cfg, config = _job(msg)
-    node = NodeIdentity(cfg, config, context)
-    runtime = get_runtime(node.cfg, node.device)
-    node.bind(runtime)
-    dataset = node.dataset(runtime)
-    downlink = decode(msgs.envelope_bytes(msg.content))
-    factors = with_kept_factors(context, runtime, downlink.factors)
-    start = runtime.method.client_start(factors, runtime.spec, rank=node.rank)
-    model = runtime.host.start(start, downlink.head)
-    result = evaluate(model, dataset, runtime.task, device=runtime.device)
-    return _reply(msg, None, {"eval-loss": result["loss"], "eval-accuracy": result["accuracy"],
-                              "num-examples": float(len(dataset)),
-                              "partition-id": float(node.partition)})
+    return evaluate_global(msg, context)

@@ -6,10 +6,12 @@ carrying the shares addressed to this node: the client trains, turns its update 
 contribution (task/secure_sum.py) and replies with the masked vector only; last, unmask
 (shares that let the server remove the masks of the sum, never of one vector).
 
+This module stays light (no torch): in a deployment Flower starts a ClientApp process per
+message, and the key, share and unmask stages should not pay for importing the model stack.
 Between stages the protocol state (private keys included) lives in the node's Flower
 Context, in memory, as JSON bytes; it is dropped after the unmask stage.
-Under client-level DP the server's instructions say how to clip, how much noise to add
-(distributed DP: this node's share) and the fixed scale 1/m.
+The contribution itself (trained - start, clipped and noised as the server instructs
+under client-level DP) is built in contribution.py.
 """
 
 from __future__ import annotations
@@ -17,14 +19,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedlora.privacy.client_level import add_gaussian, clip_to_norm, difference
-from fedlora.privacy.common import secure_generator
 from fedlora.task import messages as msgs
 from fedlora.task.secagg import SecAggClient, SecAggParams
-from fedlora.task.secure_sum import UNCLIPPED, Layout
 
 _STATE = "fedlora-secagg"
 
@@ -80,32 +78,6 @@ def handle_stage(msg: Message, context: Context, phase: str, config: ConfigRecor
             out.update({f"{kind}:{u}": share for u, share in by_id.items()})
         return _reply(msg, out)
     raise ValueError(f"unknown secure aggregation phase {phase!r}")
-
-
-def contribution(trained: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor],
-                 config: ConfigRecord) -> tuple[Layout, np.ndarray]:
-    """This node's vector for the sum: (trained - start), clipped and noised as the server
-    instructs under client-level DP, times the scale the server assigned."""
-    delta = difference(trained, start)
-    clip = float(config.get("secagg-clip", 0.0))
-    indicator = None
-    if clip > 0:
-        delta, norm = clip_to_norm(delta, clip)
-        indicator = 1.0 if norm <= clip else 0.0
-    std = float(config.get("secagg-noise-std", 0.0))
-    generator = secure_generator() if std > 0 else None
-    if generator is not None:
-        delta = add_gaussian(delta, std, generator)
-    if bool(config.get("secagg-unclipped", False)):
-        count_std = float(config.get("secagg-count-noise-std", 0.0))
-        noise = float(torch.randn((), generator=generator or secure_generator(),
-                                  dtype=torch.float64)) * count_std
-        delta[UNCLIPPED] = torch.tensor((indicator or 0.0) + noise, dtype=torch.float64)
-    scale = float(config["secagg-scale"])
-    tensors = {k: v * scale for k, v in delta.items()}
-    factors_and_head = {k: v for k, v in tensors.items() if k != UNCLIPPED}
-    layout = Layout.of_named(factors_and_head, unclipped=UNCLIPPED in tensors)
-    return layout, layout.flatten(tensors)
 
 
 def masked_reply(reply: Message, msg: Message, context: Context, vector: np.ndarray) -> Message:

@@ -105,9 +105,10 @@ def test_config_errors_before_any_work(overrides, message) -> None:
 
 @pytest.mark.integration
 def test_client_dp_federation_reports_an_epsilon_the_ledger_replays(tmp_path) -> None:
+    """Client-level DP beside sample-level DP-SGD: both epsilons reported, each replayable."""
     run_dir = tmp_path / "run"
     run_fedlora(["simulate", "model=tiny_bert", "data=synthetic", "strategy=ffa",
-                 "privacy=client_dp", "federation.num_clients=20",
+                 "privacy=dp", "privacy.client_level.enabled=true", "federation.num_clients=20",
                  "federation.clients_per_round=10", "federation.rounds=2",
                  f"hydra.run.dir={run_dir}"])
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -121,3 +122,7 @@ def test_client_dp_federation_reports_an_epsilon_the_ledger_replays(tmp_path) ->
     assert [r["round"] for r in rows] == [1, 2]
     assert rows[0]["client_level_epsilon"] < rows[1]["client_level_epsilon"] == pytest.approx(eps)
     assert "trusted server" in summary["client_level_statement"]["protects"]
+    # The sample-level guarantee is reported beside it, from the nodes' own ledgers.
+    assert 0 < summary["epsilon_max"] <= 8.0
+    assert summary["epsilon_replay_max"] <= summary["epsilon_max"]
+    assert all(r["epsilon_max"] is not None for r in rows)
