@@ -5,24 +5,42 @@ modules, rank 16, 10 clients. Times ``aggregate`` of each method (FLoRA: its fir
 pure stacking) and compares FedSVD's QR route with a dense full SVD of the 4096x4096
 product on a few modules.
 
+FLoRA's server round (aggregate + downlink) is timed on its own: medians over repeats,
+against the code before issue 10 (kept here only, for the comparison) and against its
+physical floor, the stacked A and B written once (a plain torch copy of as many bytes).
+Both on fresh pages ("cold": what a new state gets from the OS, e.g. the first round of a
+server process) and on pages the allocator reuses from the freed previous result ("warm").
+
     python bench/aggregation.py                 # table
     python bench/aggregation.py --json          # JSON
     python bench/aggregation.py --modules 28 --dense 1   # smaller / quicker
+    python bench/aggregation.py --methods flora --dense 0 --round-repeat 7
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
+import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from fedlora.aggregation import AdapterSpec, ClientUpdate, get_method, refactorize
+from fedlora.aggregation import (
+    AdapterSpec,
+    ClientUpdate,
+    Factors,
+    GlobalState,
+    Method,
+    get_method,
+    refactorize,
+)
 
 LAYER = (
     ("self_attn.q_proj", 4096, 4096),
@@ -67,14 +85,9 @@ def client_factors(
     return out
 
 
-def time_aggregate(
-    name: str, spec: AdapterSpec, factors: list[dict], repeat: int
-) -> tuple[float, float, Any]:
-    """Best wall seconds and the CPU seconds of that run (CPU time shows how much of the
-    wall time was spent waiting for a core on a busy machine)."""
-    method = get_method(name)
-    state = method.init_state(spec)
-    updates = [
+def client_updates(method: Any, spec: AdapterSpec, factors: list[dict]) -> list[ClientUpdate]:
+    """Client k's update: its uplink roles of ``factors[k]``, 100 + 10 k examples."""
+    return [
         ClientUpdate(
             factors={m: {k: f[m][k] for k in method.uplink_roles} for m in spec.shapes},
             num_examples=100 + 10 * k,
@@ -82,6 +95,16 @@ def time_aggregate(
         )
         for k, f in enumerate(factors)
     ]
+
+
+def time_aggregate(
+    name: str, spec: AdapterSpec, factors: list[dict], repeat: int
+) -> tuple[float, float, Any]:
+    """Best wall seconds and the CPU seconds of that run (CPU time shows how much of the
+    wall time was spent waiting for a core on a busy machine)."""
+    method = get_method(name)
+    state = method.init_state(spec)
+    updates = client_updates(method, spec, factors)
     best, cpu, new = float("inf"), float("inf"), None
     for _ in range(repeat):
         new = None  # free the previous result before timing the next one
@@ -119,6 +142,127 @@ def fedsvd_vs_dense(b_bar: torch.Tensor, a: torch.Tensor, qr_reps: int = 5) -> d
     }
 
 
+# ----------------------------------------------------------------- FLoRA's server round
+
+
+def flora_aggregate_before(
+    method: Method, state: GlobalState, updates: Sequence[ClientUpdate]
+) -> GlobalState:
+    """FLoRA's aggregate as it was before issue 10 (same math, same bits): every copy on
+    torch's default intra-op threads, so ~4,500 OpenMP fork/joins per round."""
+    p = method._check_updates(state, updates, fixed_rank=False)
+    factors: Factors = {}
+    for m, (d_out, d_in) in state.meta["shapes"].items():
+        b_acc, a_acc = state.factors[m]["B"], state.factors[m]["A"]
+        ranks = [u.factors[m]["A"].shape[0] for u in updates]
+        total = b_acc.shape[1] + sum(ranks)
+        b_new = torch.cat([b_acc.float()] + [u.factors[m]["B"].float() for u in updates], 1)
+        a_new = torch.empty(total, d_in)
+        a_new[: a_acc.shape[0]] = a_acc
+        row = a_acc.shape[0]
+        for pk, u, r in zip(p, updates, ranks, strict=True):
+            torch.mul(u.factors[m]["A"].float(), pk * u.scaling, out=a_new[row : row + r])
+            row += r
+        if method.options["compress"] or total > min(d_out, d_in):
+            b_new, a_new = method._compress(b_new, a_new)
+        factors[m] = {"B": b_new.contiguous(), "A": a_new.contiguous()}
+    return method._next(state, factors, updates, p)
+
+
+def release_free_memory() -> bool:
+    """Hand the allocator's free pages back to the OS (glibc malloc_trim), so the next
+    allocation gets fresh pages, as a new state does the first time; False if unavailable."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def timed(fn: Callable[[], Any], cold: bool) -> tuple[float, float]:
+    """Wall and CPU seconds of one call (its result freed before returning)."""
+    if cold:
+        release_free_memory()
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    del out
+    return wall, cpu
+
+
+def copy_bandwidth(n_floats: int, repeat: int) -> dict[str, dict[str, float]]:
+    """Median seconds and GB/s of copying n_floats float32 (one read, one write of each
+    byte, as stacking does) on one and on all intra-op threads, into fresh pages (clone
+    after malloc_trim) and into pages already mapped (copy_ into a touched buffer)."""
+    src = torch.empty(n_floats).uniform_(-1, 1)
+    dst = torch.zeros(n_floats)
+    nbytes = 4 * n_floats
+    threads = torch.get_num_threads()
+    out: dict[str, dict[str, float]] = {}
+
+    def into_mapped() -> None:
+        dst.copy_(src)
+
+    try:
+        for nt in sorted({1, threads}):
+            torch.set_num_threads(nt)
+            for mode, fn, cold in (("fresh", src.clone, True), ("mapped", into_mapped, False)):
+                walls = [timed(fn, cold)[0] for _ in range(repeat)]
+                sec = statistics.median(walls)
+                out[f"{mode}_{nt}t"] = {"seconds": sec, "gb_s": nbytes / sec / 1e9}
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def flora_server_round(
+    spec: AdapterSpec, factors: list[dict], repeat: int, before: bool
+) -> dict[str, Any]:
+    """Median wall/CPU seconds of FLoRA's first server round, now and before, cold and
+    warm, with the bytes it must write and the copy floor for them."""
+    method = get_method("flora")
+    state = method.init_state(spec)
+    updates = client_updates(method, spec, factors)
+
+    def now() -> tuple[GlobalState, Factors]:
+        new = method.aggregate(state, updates)
+        return new, method.downlink(new)
+
+    def then() -> tuple[GlobalState, Factors]:
+        new = flora_aggregate_before(method, state, updates)
+        return new, method.downlink(new)
+
+    a, b = now()[0], then()[0]  # also warms both paths up
+    same = all(torch.equal(t, b.tensors()[k]) for k, t in a.tensors().items())
+    n_floats = sum(t.numel() for f in a.factors.values() for t in f.values())
+    del a, b
+    paths = {"after": now, **({"before": then} if before else {})}
+    modes = ("cold", "warm") if release_free_memory() else ("warm",)
+    samples: dict[str, list[tuple[float, float]]] = {
+        f"{p}_{m}": [] for p in paths for m in modes
+    }
+    for mode in modes:
+        for i in range(repeat):
+            # Alternate the order, so both paths see the same background load.
+            for p in (list(paths) if i % 2 == 0 else list(paths)[::-1]):
+                samples[f"{p}_{mode}"].append(timed(paths[p], mode == "cold"))
+    rows = {
+        k: {"wall_s": statistics.median(w for w, _ in v),
+            "cpu_s": statistics.median(c for _, c in v),
+            "walls": [round(w, 3) for w, _ in v]}
+        for k, v in samples.items()
+    }
+    bandwidth = copy_bandwidth(n_floats, max(3, repeat // 2))
+    return {
+        "bytes_written": 4 * n_floats,
+        "bitwise_equal_to_before": same,
+        "rounds": rows,
+        "copy": bandwidth,
+        "floor_s": {k: 4 * n_floats / v["gb_s"] / 1e9 for k, v in bandwidth.items()},
+        "target_s": TARGET_ROUND_S,
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -130,12 +274,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # Warm-up on one module so one-off costs (LAPACK init, allocator) are not timed.
     small = AdapterSpec(shapes=dict(list(shapes.items())[:1]), rank=args.rank, alpha=spec.alpha)
-    for name in METHODS:
+    methods = [m for m in METHODS if m in args.methods.split(",")]
+    for name in methods:
         time_aggregate(name, small, [{m: f[m] for m in small.shapes} for f in factors], 1)
 
     rows = []
     fedsvd_state = None
-    for name in METHODS:
+    for name in methods:
         seconds, cpu, new = time_aggregate(name, spec, factors, args.repeat)
         if name == "fedsvd":
             fedsvd_state = new
@@ -147,6 +292,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "ok": seconds <= TARGET_ROUND_S,
         })
         del new
+
+    flora_round = (
+        flora_server_round(spec, factors, args.round_repeat, args.before)
+        if "flora" in methods and args.round_repeat > 0 else None
+    )
 
     dense_rows = []
     square = [m for m, (d_out, d_in) in shapes.items() if d_out == d_in == 4096][: args.dense]
@@ -177,6 +327,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "cpus": os.cpu_count(),
         },
         "aggregate": rows,
+        "flora_server_round": flora_round,
         "fedsvd_vs_dense": dense_rows,
     }
 
@@ -195,6 +346,8 @@ def print_table(res: dict[str, Any]) -> None:
             f"{row['method']:<8} {row['seconds']:>9.3f} {row['cpu_seconds']:>9.3f}  "
             f"{'ok' if row['ok'] else 'MISSED'}"
         )
+    if res["flora_server_round"]:
+        print_flora_round(res["flora_server_round"])
     if res["fedsvd_vs_dense"]:
         print(
             f"\nFedSVD refactorization per 4096x4096 module: QR route vs dense full SVD "
@@ -209,6 +362,21 @@ def print_table(res: dict[str, Any]) -> None:
             )
 
 
+def print_flora_round(fr: dict[str, Any]) -> None:
+    gb = fr["bytes_written"] / 1e9
+    print(
+        f"\nFLoRA server round (aggregate + downlink), medians; it writes {gb:.2f} GB of "
+        f"stacked A, B once; bitwise equal to before: {fr['bitwise_equal_to_before']}"
+    )
+    print(f"{'path':<13} {'wall_s':>9} {'cpu_s':>9}  target <= {fr['target_s']:g} s wall")
+    for name, row in fr["rounds"].items():
+        ok = "ok" if row["wall_s"] <= fr["target_s"] else "MISSED"
+        print(f"{name:<13} {row['wall_s']:>9.3f} {row['cpu_s']:>9.3f}  {ok}  {row['walls']}")
+    print(f"floor: a torch copy of {gb:.2f} GB (t = intra-op threads)")
+    for name, row in fr["copy"].items():
+        print(f"{name:<13} {fr['floor_s'][name]:>9.3f} s at {row['gb_s']:.1f} GB/s")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="fedlora aggregation benchmark")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -219,6 +387,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="timed repetitions (best kept)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma-separated methods to time (default: all)")
+    parser.add_argument("--round-repeat", type=int, default=5,
+                        help="timed repetitions of FLoRA's server round (median; 0: skip)")
+    parser.add_argument("--no-before", dest="before", action="store_false",
+                        help="do not time the pre-issue-10 FLoRA path")
     args = parser.parse_args(argv)
     if not 1 <= args.modules <= 224:
         parser.error("--modules must be in 1..224")
