@@ -11,6 +11,7 @@ is the released, noised mean, charged to the server's ledger.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -107,7 +108,8 @@ class SecureTraining:
         self._log(server_round, result, bound / share)
         return outcome, bytes_down, False
 
-    def init_round(self, cohort: list[NodeInfo], message: Any) -> tuple[GlobalState | None, SecureOutcome]:
+    def init_round(self, cohort: list[NodeInfo], message: Callable[[NodeInfo], Message]
+                   ) -> tuple[GlobalState | None, SecureOutcome]:
         """The method's init round through secure aggregation: the mean of what clients
         send (e.g. Fed-SB's gradient estimates), as init_from_updates needs."""
         s = self.strategy
