@@ -134,7 +134,9 @@ class SecureRound:
             message = train_message(info)
             shares = {str(src): ct for src, ct in routed.get(secagg_id(info), {}).items()}
             message.content.config_records[msgs.SECAGG] = ConfigRecord(shares)
-            message.content.config_records[msgs.CONFIG]["secagg-id"] = secagg_id(info)
+            record = ConfigRecord(dict(message.content.config_records[msgs.CONFIG]))
+            record["secagg-id"] = secagg_id(info)  # a copy: callers may share one record
+            message.content.config_records[msgs.CONFIG] = record
             messages.append(message)
         started = time.perf_counter()
         replies, _ = self.exchange.push_pull(messages, server_round)

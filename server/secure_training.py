@@ -14,9 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
-from flwr.app import Message, MessageType
+from flwr.app import ConfigRecord, Message, MessageType
 
 from fedlora.aggregation import ClientUpdate, GlobalState
 from fedlora.task import messages as msgs
@@ -90,7 +89,7 @@ class SecureTraining:
         reference = named(s.method.uplink_reference(before, server_round), before.head)
         adaptive = s.client_dp is not None and s.client_dp.config.adaptive
         layout = Layout.of_named(reference, unclipped=adaptive)
-        total = layout.unflatten(self._snap(result.total, len(cohort), len(result.survivors)))
+        total = layout.unflatten(result.total)
         if s.client_dp is not None:
             fraction = float(total[UNCLIPPED]) if adaptive else None
             mean, report = s.client_dp.release(total, fraction, server_round, noised=True)
@@ -117,7 +116,11 @@ class SecureTraining:
 
         def build(info: NodeInfo) -> Message:
             m = message(info)
-            m.content.config_records[msgs.CONFIG]["secagg-scale"] = weights[info.node_id]
+            # The init messages share one ConfigRecord: give each node its own copy, or
+            # every node would read the last node's weight.
+            record = ConfigRecord(dict(m.content.config_records[msgs.CONFIG]))
+            record["secagg-scale"] = weights[info.node_id]
+            m.content.config_records[msgs.CONFIG] = record
             return m
 
         result = self._driver().run(cohort, 0, build)
@@ -129,18 +132,10 @@ class SecureTraining:
                  for m, shape in s.spec.shapes.items()}
         layout = Layout.of(zeros, {})
         share = sum(weights[n.node_id] for n in result.survivors)
-        total = self._snap(result.total, len(cohort), len(result.survivors))
-        factors, _ = split({k: v / share for k, v in layout.unflatten(total).items()})
+        factors, _ = split({k: v / share for k, v in layout.unflatten(result.total).items()})
         mean = ClientUpdate(factors=cast_like(factors, None), num_examples=1,
                             scaling=s.spec.scaling, node="mean of the init round")
         return s.method.init_from_updates(s.spec, [mean], head=s.evaluator.initial_head), result
-
-    def _snap(self, total: np.ndarray, cohort: int, survivors: int) -> np.ndarray:
-        """Sums within the quantization error of zero are released as exactly zero: a sum
-        of exact zeros (e.g. a gradient entry no example touches) must stay zero for
-        methods that take its sign, and the change is inside the stated bound."""
-        bound = self._driver().params(cohort).sum_error_bound(survivors)
-        return np.where(np.abs(total) <= bound, 0.0, total)
 
     def _outcome(self, result: SecureOutcome) -> RoundOutcome:
         outcome = RoundOutcome(bytes_up=result.bytes_up)
