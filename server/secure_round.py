@@ -54,10 +54,11 @@ class SecureRound:
     """Runs the four stages for one cohort."""
 
     def __init__(self, cfg: dict[str, Any], exchange: MessageExchange, job: dict[str, Any],
-                 threshold: int):
+                 threshold: int, init_round: bool = False):
         sec = cfg["secagg"]
         self.clip_range = float(sec["clip_range"])
-        self.bits = int(sec["bits"])
+        # The init round's estimates get their own, finer precision (secagg.init_bits).
+        self.bits = int(sec["init_bits"] if init_round else sec["bits"])
         self.threshold = threshold
         self.exchange = exchange
         self.job = job

@@ -36,9 +36,9 @@ class SecureTraining:
         self.threshold = secagg_threshold(strategy.cfg)
         self.rounds: list[dict[str, Any]] = []
 
-    def _driver(self) -> SecureRound:
+    def _driver(self, init_round: bool = False) -> SecureRound:
         s = self.strategy
-        return SecureRound(s.cfg, s.exchange, s._job(), self.threshold)
+        return SecureRound(s.cfg, s.exchange, s._job(), self.threshold, init_round)
 
     def _weights(self, cohort: list[NodeInfo]) -> dict[int, float]:
         s = self.strategy
@@ -123,15 +123,17 @@ class SecureTraining:
             m.content.config_records[msgs.CONFIG] = record
             return m
 
-        result = self._driver().run(cohort, 0, build)
-        self._log(0, result, None)
+        driver = self._driver(init_round=True)
+        result = driver.run(cohort, 0, build)
+        share = sum(weights[n.node_id] for n in result.survivors)
+        self._log(0, result, driver.params(len(cohort)).sum_error_bound(len(result.survivors))
+                  / share if result.survivors else None)
         if result.total is None:
             return None, result
         zeros = {m: {r: torch.zeros(shape, dtype=torch.float64)
                      for r in s.method.init_round_roles}
                  for m, shape in s.spec.shapes.items()}
         layout = Layout.of(zeros, {})
-        share = sum(weights[n.node_id] for n in result.survivors)
         factors, _ = split({k: v / share for k, v in layout.unflatten(result.total).items()})
         mean = ClientUpdate(factors=cast_like(factors, None), num_examples=1,
                             scaling=s.spec.scaling, node="mean of the init round")

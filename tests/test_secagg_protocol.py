@@ -25,6 +25,7 @@ from fedlora.task.secagg import (
     SecAggClient,
     SecAggParams,
     SecAggServer,
+    dequantize_sum,
     mask_prg,
     quantize_vector,
 )
@@ -169,10 +170,10 @@ def test_stages_must_run_in_order():
     (dict(num_clients=5, threshold=3, clip_range=0.0), "clip_range must be a finite number > 0"),
     (dict(num_clients=5, threshold=3, clip_range=-1.0), "clip_range must be a finite number > 0"),
     (dict(num_clients=5, threshold=3, clip_range=float("inf")), "clip_range must be"),
-    (dict(num_clients=5, threshold=3, clip_range=1.0, bits=0), r"bits must be in \[1, 31\]"),
-    (dict(num_clients=5, threshold=3, clip_range=1.0, bits=32), r"bits must be in \[1, 31\]"),
+    (dict(num_clients=5, threshold=3, clip_range=1.0, bits=1), r"bits must be in \[2, 44\]"),
+    (dict(num_clients=5, threshold=3, clip_range=1.0, bits=45), r"bits must be in \[2, 44\]"),
     (dict(num_clients=5, threshold=3.0, clip_range=1.0), "threshold must be an int"),
-    (dict(num_clients=2**23, threshold=3, clip_range=1.0, bits=31), "> 53"),
+    (dict(num_clients=2**10 + 1, threshold=3, clip_range=1.0, bits=43), "> 53"),
 ])
 def test_params_reject_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -181,8 +182,30 @@ def test_params_reject_bad_values(kwargs, message):
 
 def test_params_modulus_and_bound():
     assert PARAMS.modulus == 2 ** (8 + 3)  # ceil(log2 5) = 3
-    assert PARAMS.modulus > PARAMS.num_clients * PARAMS.levels
-    assert PARAMS.sum_error_bound(3) == pytest.approx(3 * 2.0 / 255)
+    assert PARAMS.modulus > 2 * PARAMS.num_clients * PARAMS.half_levels  # [-nL, nL] fits
+    assert PARAMS.sum_error_bound(3) == pytest.approx(3 * 1.0 / 127 * (1 + 2.0 ** -44))
+
+
+@pytest.mark.parametrize("bits", [8, 24, 40])
+def test_quantized_sum_is_within_the_bound_and_zero_stays_zero(bits: int) -> None:
+    """Stochastic rounding into [-L, L]: a sum of n vectors is within n steps of the true
+    sum at every precision (also 40 bits, past Flower's int32 quantizer), negative and
+    extreme values survive the two's complement, and exact zeros sum to exactly zero (a
+    method that takes sign(mean) must not see +-1 where every client sent 0)."""
+    params = SecAggParams(num_clients=5, threshold=3, clip_range=0.5, bits=bits)
+    rng = np.random.default_rng(bits)
+    vectors = [np.concatenate([rng.uniform(-0.5, 0.5, 1000) * 10.0 ** -rng.integers(0, 7, 1000),
+                               [0.5, -0.5, 0.0]]) for _ in range(5)]
+    q_sum = sum(quantize_vector(params, v) for v in vectors) & np.uint64(params.modulus - 1)
+    total = dequantize_sum(params, q_sum, 5)
+    exact = np.sum(vectors, axis=0)
+    assert np.abs(total - exact).max() <= params.sum_error_bound(5)
+    assert total[-1] == 0.0 and total[-3] == pytest.approx(2.5) and total[-2] == pytest.approx(-2.5)
+    if bits == 40:  # fine enough that the signs of 1e-6-sized entries agree
+        clear = np.abs(exact) > params.sum_error_bound(5)
+        assert clear.mean() > 0.99 and (np.sign(total[clear]) == np.sign(exact[clear])).all()
+    with pytest.raises(ValueError, match="out of range"):  # 5 inputs' sum read as 1 input's
+        dequantize_sum(params, q_sum, 1)
 
 
 def test_misrouted_ciphertext_is_rejected():
