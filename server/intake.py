@@ -39,6 +39,39 @@ def released_weights(updates: list[ClientUpdate]) -> list[ClientUpdate]:
     return [dataclasses.replace(u, num_examples=1) for u in updates]
 
 
+def contribution_metrics(reply: Message, who: str, label: str,
+                         outcome: RoundOutcome) -> MetricRecord | None:
+    """The reply's metrics when it carries a contribution; else None, with the error or the
+    refusal (and its reason) recorded in ``outcome``."""
+    if reply.has_error():
+        outcome.lost.append({"node": who, "reason": f"client error: {reply.error.reason}"})
+        _log.warning("%s: %s failed: %s", label, who, reply.error.reason)
+        return None
+    metrics = reply.content.metric_records.get(msgs.METRICS, MetricRecord())
+    if float(metrics.get("refused", 0.0)):
+        notes = reply.content.config_records.get(msgs.CONFIG, ConfigRecord())
+        reason = str(notes.get("reason", "refused"))
+        outcome.refused.append({"node": who, "reason": reason})
+        _log.warning("%s: %s refused: %s", label, who, reason)
+        return None
+    return metrics
+
+
+def released_metrics(metrics: MetricRecord) -> dict[str, Any]:
+    """Only what the client released: under DP no training loss and no example count unless
+    the node declared one public (task/release.py)."""
+    out: dict[str, Any] = {}
+    if "train-loss" in metrics:
+        out["train_loss"] = float(metrics["train-loss"])
+    if "epsilon" in metrics:
+        out.update({"epsilon": float(metrics["epsilon"]), "delta": float(metrics["delta"])})
+        for key, field_name, kind in (("max-grad-norm", "max_grad_norm", float),
+                                      ("steps", "steps", int)):
+            if key in metrics:
+                out[field_name] = kind(metrics[key])
+    return out
+
+
 def collect(replies: Iterable[Message], label: str, expectation: Callable[[int], Expectation],
             name: Callable[[int], str], order: Callable[[int], int]) -> RoundOutcome:
     """Decode and validate every reply (sorted by partition); bad ones are rejected.
@@ -50,16 +83,8 @@ def collect(replies: Iterable[Message], label: str, expectation: Callable[[int],
     for reply in sorted(replies, key=lambda r: order(r.metadata.src_node_id)):
         node_id = reply.metadata.src_node_id
         who = name(node_id)
-        if reply.has_error():
-            outcome.lost.append({"node": who, "reason": f"client error: {reply.error.reason}"})
-            _log.warning("%s: %s failed: %s", label, who, reply.error.reason)
-            continue
-        metrics = reply.content.metric_records.get(msgs.METRICS, MetricRecord())
-        if float(metrics.get("refused", 0.0)):
-            notes = reply.content.config_records.get(msgs.CONFIG, ConfigRecord())
-            reason = str(notes.get("reason", "refused"))
-            outcome.refused.append({"node": who, "reason": reason})
-            _log.warning("%s: %s refused: %s", label, who, reason)
+        metrics = contribution_metrics(reply, who, label, outcome)
+        if metrics is None:
             continue
         try:
             data = msgs.envelope_bytes(reply.content)
@@ -75,15 +100,8 @@ def collect(replies: Iterable[Message], label: str, expectation: Callable[[int],
                                             num_examples=envelope.num_examples,
                                             scaling=envelope.scaling, head=envelope.head,
                                             node=who))
-        # Only what the client released: under DP no training loss and no example count
-        # unless the node declared one public (task/release.py).
-        client = {"node": who, "_node_id": node_id, "examples": envelope.num_examples or None,
-                  "bytes_up": len(data), "adapter_bytes_up": payload, "rank": envelope.rank}
-        if "train-loss" in metrics:
-            client["train_loss"] = float(metrics["train-loss"])
-        if "epsilon" in metrics:
-            client.update({"epsilon": float(metrics["epsilon"]), "delta": float(metrics["delta"]),
-                           "max_grad_norm": float(metrics["max-grad-norm"]),
-                           "steps": int(metrics["steps"])})
-        outcome.clients.append(client)
+        outcome.clients.append({"node": who, "_node_id": node_id,
+                                "examples": envelope.num_examples or None,
+                                "bytes_up": len(data), "adapter_bytes_up": payload,
+                                "rank": envelope.rank, **released_metrics(metrics)})
     return outcome

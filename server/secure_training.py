@@ -22,7 +22,7 @@ from fedlora.task import messages as msgs
 from fedlora.task.secure_sum import UNCLIPPED, Layout, named, secagg_threshold, split
 
 from .client_dp import cast_head, cast_like
-from .intake import RoundOutcome
+from .intake import RoundOutcome, contribution_metrics, released_metrics
 from .secure_round import SecureOutcome, SecureRound
 
 if TYPE_CHECKING:
@@ -143,22 +143,16 @@ class SecureTraining:
         outcome = RoundOutcome(bytes_up=result.bytes_up)
         s = self.strategy
         for reply in result.replies:
-            if reply.has_error():
+            if reply.has_error():  # SecureRound listed it among the dropped
                 continue
             info = s.nodes.get(reply.metadata.src_node_id)
-            metrics = reply.content.metric_records.get(msgs.METRICS)
             name = info.name if info else str(reply.metadata.src_node_id)
-            if metrics is not None and float(metrics.get("refused", 0.0)):
-                notes = reply.content.config_records.get(msgs.CONFIG)
-                outcome.refused.append({"node": name, "reason": str(
-                    notes.get("reason", "refused") if notes else "refused")})
+            metrics = contribution_metrics(reply, name, "secure round", outcome)
+            if metrics is None:
                 continue
-            client: dict[str, Any] = {"node": name, "_node_id": reply.metadata.src_node_id,
-                                      "bytes_up": int(metrics.get("bytes-up", 0)) if metrics else 0}
-            if metrics is not None and "epsilon" in metrics:
-                client.update({"epsilon": float(metrics["epsilon"]),
-                               "delta": float(metrics["delta"])})
-            outcome.clients.append(client)
+            outcome.clients.append({"node": name, "_node_id": reply.metadata.src_node_id,
+                                    "bytes_up": int(metrics.get("bytes-up", 0)),
+                                    **released_metrics(metrics)})
         outcome.lost.extend(result.dropped)
         return outcome
 

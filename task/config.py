@@ -14,7 +14,7 @@ from typing import Any
 from fedlora.privacy import ACCOUNTANTS, GRAD_SAMPLE_MODES
 from fedlora.protos import WIRE_DTYPES
 
-from .secagg import MAX_BITS
+from .secagg_ring import MAX_BITS
 from .training import LRSchedule, ServerOptimizerConfig
 
 MODEL_SOURCES = ("package", "path", "tiny_bert", "tiny_llama")
