@@ -4,9 +4,10 @@ Each cell is `fedlora simulate strategy=M privacy=P federation.seed=S` plus the 
 overrides (default: sequence length 32): with privacy=dp_epsN the method's tuned recipe
 (conf/recipe/M_dp_epsN.yaml) applies; privacy=none runs the method's defaults. The sweep
 is resumable and incremental: each finished run is appended to --results at once and a
-rerun skips finished cells, so the table can grow over several sessions. --collect-only
-rewrites the generated section of docs/RESULTS.md (between its markers) and
-docs/results.png (accuracy vs epsilon, per-round curves) from what has finished.
+rerun skips finished cells, so the table can grow over several sessions; a cell whose
+resolved config equals a finished tuning trial's (--reuse) is taken from that trial, not
+run again. --collect-only rewrites the generated section of docs/RESULTS.md (between its
+markers) and docs/results.png (accuracy vs epsilon, per-round curves) from what has finished.
 
 Usage: python bench/quality.py [--methods ...] [--privacy none dp_eps8 ...] [--seeds 0 1]
        [--results bench/results/quality.jsonl] [--collect-only] [-- extra overrides]
@@ -15,6 +16,7 @@ Usage: python bench/quality.py [--methods ...] [--privacy none dp_eps8 ...] [--s
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -167,6 +169,42 @@ def write_tuning(rows: list[dict], out: Path, sources: list[Path]) -> None:
     out.write_text(text, encoding="utf-8")
 
 
+def reuse_equivalent(cells: list[list[str]], fixed: list[str], results: Path,
+                     sources: list[Path]) -> int:
+    """Take a cell from a finished tuning trial whose resolved job config is the cell's
+    (recipe_name aside): running it again would only repeat that run. The row keeps the
+    trial's key in ``reused_from``. Returns how many cells were filled."""
+    from fedlora.task.config import compose_job
+
+    def comparable(overrides: list[str]) -> dict:
+        cfg = compose_job(overrides)
+        cfg.pop("recipe_name", None)
+        return cfg
+
+    done = {r["key"] for r in read_results(results)}
+    pool = [r for p in sources for r in read_results(p)]
+    seen: dict[str, dict] = {}
+    filled = 0
+    for cell in cells:
+        key = trial_key([*fixed, *cell])
+        if key in done:
+            continue
+        want = comparable([*fixed, *cell])
+        for row in pool:
+            if row["key"] not in seen:
+                seen[row["key"]] = comparable(row["overrides"])
+            if seen[row["key"]] == want:
+                reused = {**row, "key": key, "overrides": [*fixed, *cell],
+                          "reused_from": row["key"]}
+                with results.open("a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(reused, sort_keys=True) + "\n")
+                print(f"{key}: taken from tuning trial {row['key']}")
+                done.add(key)
+                filled += 1
+                break
+    return filled
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=METHODS)
@@ -179,11 +217,15 @@ def main() -> None:
     parser.add_argument("--collect-only", action="store_true")
     parser.add_argument("--tuning", type=Path, nargs="*", default=[],
                         help="tuning results files (JSONL) to render as the tuning section")
+    parser.add_argument("--reuse", type=Path, nargs="*",
+                        default=[ROOT / "bench/results/dp-tuning.jsonl"],
+                        help="tuning results whose runs equal a cell's config fill that cell")
     args, extra = parser.parse_known_args()
     fixed = FIXED + [e for e in extra if e != "--"]
     if not args.collect_only:
         trials = [[f"strategy={m}", f"privacy={p}", f"federation.seed={s}"]
                   for s in args.seeds for p in args.privacy for m in args.methods]
+        reuse_equivalent(trials, fixed, args.results, [p for p in args.reuse if p.is_file()])
         run_trials(trials, args.results, args.runs_dir, fixed)
     rows = {r["key"]: r for r in read_results(args.results)}
     command = "python bench/quality.py " + " ".join(sys.argv[1:])
