@@ -96,7 +96,10 @@ def write_report(rows_by_key: dict, methods: list[str], privacy: list[str], seed
     over = [r for r in rows_by_key.values()
             if (target := EPSILON.get(privacy_of(r))) is not None
             and r.get("epsilon_max") is not None and r["epsilon_max"] > target]
-    lines += ["", f"Runs whose reported epsilon exceeded the target: {len(over)}.", "",
+    reused = sum(1 for r in rows_by_key.values() if r.get("reused_from"))
+    lines += ["", f"Runs whose reported epsilon exceeded the target: {len(over)}. Cells taken "
+              f"from a tuning trial with the same resolved config (not run twice; "
+              f"`reused_from` in the results file): {reused}.", "",
               "![accuracy vs epsilon and per-round curves](results.png)", ""]
     table = "\n".join([BEGIN, *lines, END])
     text = out.read_text(encoding="utf-8") if out.is_file() else ""
