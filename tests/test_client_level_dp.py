@@ -112,8 +112,8 @@ def test_client_dp_federation_reports_an_epsilon_the_ledger_replays(tmp_path) ->
     """Client-level DP beside sample-level DP-SGD: both epsilons reported, each replayable."""
     run_dir = tmp_path / "run"
     run_fedlora(["simulate", "model=tiny_bert", "data=synthetic", "strategy=ffa",
-                 "privacy=dp", "privacy.client_level.enabled=true", "federation.num_clients=20",
-                 "federation.clients_per_round=10", "federation.rounds=2",
+                 "privacy=dp", "privacy.client_level.enabled=true", "federation.num_clients=8",
+                 "federation.clients_per_round=4", "federation.rounds=2",
                  f"hydra.run.dir={run_dir}"])
     summary = json.loads((run_dir / "summary.json").read_text())
     eps = summary["client_level_epsilon"]
