@@ -10,8 +10,10 @@ per-sample gradient machinery covers it).
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,6 +21,17 @@ from torch import nn
 from fedlora.aggregation import ClientStart, Factors
 
 ROLES = ("A", "B", "R")
+
+
+def _peft_wrap(base: nn.Module, config: Any, **kwargs: Any) -> nn.Module:
+    """get_peft_model, without the FutureWarning that PEFT triggers by reading
+    transformers' deprecated ``is_gradient_checkpointing`` (nothing here uses it)."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                category=FutureWarning)
+        return get_peft_model(base, config, **kwargs)
 
 
 class SBLinear(nn.Module):
@@ -131,7 +144,7 @@ class AdapterHost:
         raise ValueError(f"adapter kind {self.kind!r} has no factor role {role!r}")
 
     def _activate_lora(self, rank: int, scaling: float) -> None:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
 
         adapter = f"r{rank}"
         config = LoraConfig(
@@ -140,7 +153,7 @@ class AdapterHost:
         )
         if self._active is None:
             # PEFT injects into the base in place; it must already sit on its device.
-            self.model = get_peft_model(self.base, config, adapter_name=adapter)
+            self.model = _peft_wrap(self.base, config, adapter_name=adapter)
             inner = self.model.base_model.model
             self._layers = {n: inner.get_submodule(n) for n in self.targets}
         elif adapter not in self.model.peft_config:
@@ -194,7 +207,7 @@ def export_peft(
     Every method's global delta is exactly U V, so a LoRA with B = U, A = V and scaling 1
     (lora_alpha = r per module) reproduces it with no approximation. ``base`` is consumed.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     ranks = {name: max(1, int(deltas[name][0].shape[1])) for name in targets}
     top = max(ranks.values())
@@ -207,7 +220,7 @@ def export_peft(
     with torch.no_grad():
         for name, tensor in head.items():
             base.get_parameter(name).copy_(tensor)
-    model = get_peft_model(base, config)
+    model = _peft_wrap(base, config)
     inner = model.base_model.model
     with torch.no_grad():
         for name in targets:
