@@ -239,9 +239,14 @@ def test_ctrl_c_tears_everything_down(tmp_path: Path) -> None:
     script.write_text(
         textwrap.dedent(
             f"""
+            import signal
             import time
             from pathlib import Path
             from fedlora.deploy.local import LocalFederation
+
+            # Ctrl-C as at a terminal: a test started in the background inherits SIGINT
+            # ignored, and Python then never raises KeyboardInterrupt.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
             with LocalFederation(Path({str(work)!r})) as fed:
                 fed.start_superlink()
