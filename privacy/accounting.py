@@ -15,8 +15,6 @@ from contextlib import contextmanager
 from functools import lru_cache
 
 import numpy as np
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 
 ACCOUNTANTS: tuple[str, ...] = ("prv", "rdp")
 
@@ -90,6 +88,8 @@ def calibrate_noise_multiplier(
     delta = check_delta(delta)
     sample_rate = check_sample_rate(sample_rate)
     steps = check_steps(steps)
+    from opacus.accountants.utils import get_noise_multiplier  # slow import: on first use
+
     with _quiet():
         sigma = float(
             get_noise_multiplier(
@@ -141,6 +141,8 @@ def _quiet() -> Iterator[None]:
 def _replay(history: tuple[HistoryEntry, ...], delta: float, accountant: str) -> float:
     if any(sigma == 0.0 for sigma, _, _ in history):
         return math.inf  # no noise: no finite epsilon (and PRV would overflow)
+    from opacus.accountants import create_accountant  # slow import: on first use
+
     acc = create_accountant(mechanism=accountant)
     acc.history = list(history)
     with _quiet():
