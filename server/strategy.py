@@ -198,7 +198,10 @@ class FedLoraStrategy:
         of ||sum_k p_k s B_k A_k - s B A||_F for inexact methods, None for exact ones.
         """
         before = self.state
-        if len(outcome.updates) < int(self.fed["min_clients"]):
+        # Under client-level DP every round is released (noise over whatever arrived, even
+        # nothing): skipping when few clients took part would make the output depend on the
+        # participation count without accounting for it.
+        if self.client_dp is None and len(outcome.updates) < int(self.fed["min_clients"]):
             _log.warning("round %d skipped: %d valid updates, %d needed", server_round,
                          len(outcome.updates), int(self.fed["min_clients"]))
             self.state = GlobalState(server_round, before.factors, before.head, before.meta)
