@@ -6,7 +6,6 @@ each offending key, so a user fixes everything in one go.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 from fedlora.privacy import ACCOUNTANTS, GRAD_SAMPLE_MODES
 from fedlora.protos import WIRE_DTYPES
 
-from .secagg_ring import MAX_BITS
+from .secagg_ring import MAX_BITS, check_sum_fits
 from .training import LRSchedule, ServerOptimizerConfig
 
 MODEL_SOURCES = ("package", "path", "tiny_bert", "tiny_llama")
@@ -195,11 +194,11 @@ def _secure_sum_problems(cfg: Mapping[str, Any]) -> list[str]:
             bits = sec.get(key)
             if isinstance(bits, bool) or not isinstance(bits, int) or not 8 <= bits <= MAX_BITS:
                 problems.append(f"secagg.{key} must be an integer in [8, {MAX_BITS}], got {bits!r}")
-            elif isinstance(cohort, int) and cohort > 1 and (
-                    bits + math.ceil(math.log2(cohort)) > 53):
-                problems.append(f"secagg.{key} = {bits} with a cohort of {cohort}: the sum needs "
-                                f"{bits + math.ceil(math.log2(cohort))} bits, over float64's 53; "
-                                "lower it")
+            elif isinstance(cohort, int) and cohort > 1:
+                try:
+                    check_sum_fits(bits, cohort)
+                except ValueError as exc:
+                    problems.append(f"secagg.{key} = {bits} with a cohort of {cohort}: {exc}")
         rng = sec.get("clip_range")
         if isinstance(rng, bool) or not isinstance(rng, (int, float)) or not rng > 0:
             problems.append(f"secagg.clip_range must be a number > 0, got {rng!r}")

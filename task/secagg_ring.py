@@ -25,6 +25,16 @@ import numpy as np
 MAX_BITS = 44  # float64 keeps the scaling exact to 2^(bits-52) steps (see sum_error_bound)
 
 
+def check_sum_fits(bits: int, num_clients: int) -> None:
+    """Raise ValueError unless a sum of ``num_clients`` inputs quantized to ``bits`` bits
+    converts to float64 exactly: bits + ceil(log2 n) <= 53 (the modulus' size)."""
+    need = bits + math.ceil(math.log2(max(num_clients, 1)))
+    if need > 53:
+        raise ValueError(f"bits + ceil(log2(num_clients)) = {bits} + {need - bits} = "
+                         f"{need} bits, over float64's 53: the sum would not convert "
+                         "exactly; lower bits")
+
+
 @dataclass(frozen=True)
 class SecAggParams:
     num_clients: int  # n, the cohort that shares keys
@@ -47,9 +57,7 @@ class SecAggParams:
             raise ValueError(f"clip_range must be a finite number > 0, got {c!r}")
         if not 2 <= self.bits <= MAX_BITS:
             raise ValueError(f"bits must be in [2, {MAX_BITS}], got {self.bits}")
-        if self.modulus_bits > 53:
-            raise ValueError(f"bits + ceil(log2(num_clients)) = {self.modulus_bits} > 53: the "
-                             "sum would not convert to float64 exactly; lower bits")
+        check_sum_fits(self.bits, self.num_clients)
 
     @property
     def half_levels(self) -> int:  # L = 2^(bits-1) - 1: one client's values are in [-L, L]

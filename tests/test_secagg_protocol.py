@@ -173,7 +173,7 @@ def test_stages_must_run_in_order():
     (dict(num_clients=5, threshold=3, clip_range=1.0, bits=1), r"bits must be in \[2, 44\]"),
     (dict(num_clients=5, threshold=3, clip_range=1.0, bits=45), r"bits must be in \[2, 44\]"),
     (dict(num_clients=5, threshold=3.0, clip_range=1.0), "threshold must be an int"),
-    (dict(num_clients=2**10 + 1, threshold=3, clip_range=1.0, bits=43), "> 53"),
+    (dict(num_clients=2**10 + 1, threshold=3, clip_range=1.0, bits=43), "over float64's 53"),
 ])
 def test_params_reject_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
