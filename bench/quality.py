@@ -16,12 +16,11 @@ Usage: python bench/quality.py [--methods ...] [--privacy none dp_eps8 ...] [--s
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
-from fedlora.deploy.tune import read_results, run_trials, trial_key
+from fedlora.deploy.tune import append_result, read_results, run_trials, trial_key
 
 METHODS = ["fedavg", "ffa", "flora", "fedsvd", "fedsb"]
 PRIVACY = ["none", "dp_eps8", "dp_eps3", "dp_eps1"]
@@ -199,8 +198,7 @@ def reuse_equivalent(cells: list[list[str]], fixed: list[str], results: Path,
             if seen[row["key"]] == want:
                 reused = {**row, "key": key, "overrides": [*fixed, *cell],
                           "reused_from": row["key"]}
-                with results.open("a", encoding="utf-8") as handle:
-                    handle.write(json.dumps(reused, sort_keys=True) + "\n")
+                append_result(results, reused)
                 print(f"{key}: taken from tuning trial {row['key']}")
                 done.add(key)
                 filled += 1

@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import itertools
 import json
+import os
 import random
 import shutil
 import statistics
@@ -91,6 +92,15 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def append_result(results: Path, row: dict[str, Any]) -> None:
+    """Append one finished trial's row as a line of JSON (the file is append-only: a crash
+    mid-sweep loses at most the trial that was running)."""
+    with open(results, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row, sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def run_trial(overrides: Sequence[str], runs_dir: Path, results: Path,
               fixed: Sequence[str] = ()) -> dict[str, Any] | None:
     """One real `fedlora simulate`; its row is appended to ``results`` (None on failure)."""
@@ -111,8 +121,7 @@ def run_trial(overrides: Sequence[str], runs_dir: Path, results: Path,
         return None
     row = {"key": key, "overrides": [*fixed, *overrides], "run_dir": str(run_dir),
            "elapsed_seconds": round(elapsed, 1), **summarize_run(run_dir)}
-    with open(results, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(row, sort_keys=True) + "\n")
+    append_result(results, row)
     print(f"  {elapsed:5.0f} s  final {row['final_accuracy']:.3f}  best "
           f"{row['best_accuracy']:.3f}  epsilon {row['epsilon_max']}", flush=True)
     return row
