@@ -76,12 +76,17 @@ def assert_none_under_flwr_home(work: Path, grace_s: float = 10.0) -> None:
     assert not left, left
 
 
-def kill_all(token: str) -> None:
-    for proc in processes_with(token):
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
+def kill_all(token: str, grace_s: float = 10.0) -> None:
+    """SIGKILL everything started under ``token``, again while new ones appear (a Ray
+    raylet can still be starting a worker when it is itself killed)."""
+    deadline = time.monotonic() + grace_s
+    while (procs := processes_with(token)) and time.monotonic() < deadline:
+        for proc in procs:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        time.sleep(0.2)
 
 
 def run_fedlora(args: list[str], *, timeout: float = 900, check: bool = True

@@ -8,6 +8,7 @@ report command prints the guarantee.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -80,19 +81,18 @@ def test_privacy_report_command(dp_sweep):
     assert "withheld: training loss" in proc.stdout
 
 
-def test_a_lost_ledger_refuses_and_the_others_go_on(tmp_path):
-    """Two runs of one federation share node ledgers; node 0 loses its ledger in between."""
+def test_a_lost_ledger_refuses_and_the_others_go_on(dp_sweep, tmp_path):
+    """A second run of the ffa federation above (its run_name, its node ledgers), after
+    node 0 lost its ledger in between."""
     ledgers = tmp_path / "ledgers"
-    common = ["simulate", "model=tiny_bert", "data=synthetic", "strategy=ffa", "privacy=dp",
-              f"privacy.ledger_dir={ledgers}", "run_name=shared-fed",
-              f"federation.num_clients={CLIENTS}", f"federation.clients_per_round={CLIENTS}"]
-    run_fedlora([*common, "privacy.epsilon=2", "federation.rounds=1",
-                 f"hydra.run.dir={tmp_path / 'run1'}"])
+    shutil.copytree(dp_sweep["ffa"] / "privacy", ledgers)
     (lost,) = ledgers.glob("*partition-0*.privacy.json")
     assert lost.with_suffix(".secret").is_file()
     lost.unlink()  # e.g. a container restarted without its volume
-    run_fedlora([*common, "privacy.epsilon=8", "federation.rounds=2",
-                 f"hydra.run.dir={tmp_path / 'run2'}"])
+    run_fedlora(["simulate", "model=tiny_bert", "data=synthetic", "strategy=ffa", "privacy=dp",
+                 f"privacy.ledger_dir={ledgers}", "run_name=ffa-synthetic",
+                 f"federation.num_clients={CLIENTS}", f"federation.clients_per_round={CLIENTS}",
+                 "privacy.epsilon=8", "federation.rounds=2", f"hydra.run.dir={tmp_path / 'run2'}"])
     first = read_metrics(tmp_path / "run2")[0]
     assert [r["node"] for r in first["refused"]] == ["partition-0"]
     assert "ledger" in first["refused"][0]["reason"] and "missing" in first["refused"][0]["reason"]
