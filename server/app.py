@@ -18,6 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedlora.aggregation import get_method
 from fedlora.task.release import client_level_statement, privacy_statement
 
+from .client_dp import LEDGER_NODE as CLIENT_LEVEL_NODE
 from .evaluation import CentralEvaluator
 from .progress import Progress
 from .report import plot, summarize, summary_table, write_json_atomic
@@ -59,7 +60,9 @@ def _local_ledger_replay(cfg: dict[str, Any]) -> float | None:
             ledger = PrivacyLedger.load(path)
         except LedgerError:
             continue
-        if ledger.federation == str(cfg["run_name"]):
+        # The server's client-level ledger sits in the same directory: another guarantee,
+        # reported as client_level_epsilon, never mixed into the sample-level figure.
+        if ledger.federation == str(cfg["run_name"]) and ledger.node != CLIENT_LEVEL_NODE:
             spent.append(ledger.epsilon_spent)
     return max(spent, default=None)
 

@@ -109,3 +109,20 @@ def run_fedlora(args: list[str], *, timeout: float = 900, check: bool = True
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
             if line.strip()]
+
+
+# The integration modules, longest first (seconds on 2 cores, measured): run in parallel
+# (pytest-xdist, one module per worker at a time), the long ones must start first or the
+# suite ends with one worker running the deploy test alone.
+_LONGEST_FIRST = ["test_deploy_fedlora", "test_simulation", "test_secure_aggregation",
+                  "test_reliability", "test_dp_simulation", "test_deploy_local", "test_recipes",
+                  "test_minilm", "test_client_level_dp", "test_deploy_compose"]
+
+
+def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001 - pytest hook
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+
+    def key(item) -> int:  # noqa: ANN001
+        return rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank))
+
+    items.sort(key=key)  # stable: the order inside a module is kept

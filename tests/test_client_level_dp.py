@@ -129,4 +129,10 @@ def test_client_dp_federation_reports_an_epsilon_the_ledger_replays(tmp_path) ->
     # The sample-level guarantee is reported beside it, from the nodes' own ledgers.
     assert 0 < summary["epsilon_max"] <= 8.0
     assert summary["epsilon_replay_max"] <= summary["epsilon_max"]
+    # ... the nodes' ledgers only: the server's client-level ledger in the same directory
+    # is the other guarantee and never mixed in.
+    nodes = [json.loads(p.read_text()) for p in (run_dir / "privacy").glob("*.privacy.json")]
+    sample_level = [n["epsilon_spent"] for n in nodes if n["node"].startswith("partition-")]
+    assert len(sample_level) + 1 == len(nodes)
+    assert summary["epsilon_replay_max"] == pytest.approx(max(sample_level), rel=1e-12)
     assert all(r["epsilon_max"] is not None for r in rows)
