@@ -1,8 +1,10 @@
 """Write conf/recipe/<method>_<preset>.yaml from the equal-budget tuning trials.
 
 The grid is the same for every method (GRID below: learning rate with a cosine schedule,
-10 rounds, batch 16, 10 local steps, seq 32, seed 0). For each (method, budget) the trial
-with the best final accuracy wins; a budget with no finished trial of its own reuses the
+10 rounds, batch 16, 10 local steps, seq 32, seed 0), then one refinement trial per method
+by the same rule for all (refinement_lr: the geometric midpoint between the method's best
+grid rate and its better neighbour). For each (method, budget) the trial with the best
+final accuracy wins; a budget with no finished trial of its own reuses the
 method's epsilon-8 choice (a rule, said in the file). Every recipe says how many of its
 trials finished and what each reached.
 
@@ -12,6 +14,7 @@ Usage: python bench/recipes.py [--results bench/results/dp-tuning.jsonl] [--dry-
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from fedlora.deploy.tune import read_results, recipe_yaml, trial_key
@@ -23,12 +26,29 @@ GRID = ("0.01", "0.03", "0.1", "0.3")
 FIXED = ["model.max_length=32", "federation.rounds=10", "strategy.lr_schedule.kind=cosine"]
 
 
+def _key(method: str, preset: str, lr: str) -> str:
+    return trial_key([f"strategy={method}", f"privacy={preset}", *FIXED, f"strategy.lr={lr}"])
+
+
+def refinement_lr(found: list[tuple[str, dict]]) -> str | None:
+    """sqrt(best * better neighbour) on the grid, to 2 significant digits; None until the
+    whole grid has finished (the rule needs both neighbours)."""
+    if len(found) != len(GRID):
+        return None
+    acc = [r["final_accuracy"] for _, r in found]
+    i = max(range(len(GRID)), key=acc.__getitem__)
+    neighbours = [j for j in (i - 1, i + 1) if 0 <= j < len(GRID)]
+    j = max(neighbours, key=acc.__getitem__)
+    return f"{float(f'{math.sqrt(float(GRID[i]) * float(GRID[j])):.2g}'):g}"
+
+
 def trials(rows: dict[str, dict], method: str, preset: str) -> list[tuple[str, dict]]:
-    out = []
-    for lr in GRID:
-        key = trial_key([f"strategy={method}", f"privacy={preset}", *FIXED, f"strategy.lr={lr}"])
-        if key in rows:
-            out.append((lr, rows[key]))
+    """The grid's finished trials, then the refinement trial if it has finished."""
+    out = [(lr, rows[_key(method, preset, lr)]) for lr in GRID
+           if _key(method, preset, lr) in rows]
+    extra = refinement_lr(out)
+    if extra is not None and _key(method, preset, extra) in rows:
+        out.append((extra, rows[_key(method, preset, extra)]))
     return out
 
 
@@ -49,12 +69,14 @@ def main() -> None:
                 continue
             lr, best = max(found, key=lambda t: t[1]["final_accuracy"])
             done = ", ".join(f"lr {x}: {r['final_accuracy']:.3f}" for x, r in found)
-            status = "TUNED" if len(found) == len(GRID) else \
-                f"PARTIALLY TUNED ({len(found)} of {len(GRID)} trials)"
+            planned = len(GRID) + 1  # the grid and its refinement trial
+            status = "TUNED" if len(found) == planned else \
+                f"PARTIALLY TUNED ({len(found)} of {planned} trials)"
             source = preset if own else "dp_eps8"
             provenance = [
                 f"Recipe {method}_{preset}: {status}. Grid, the same for every method: lr in "
-                f"{{{', '.join(GRID)}}}",
+                f"{{{', '.join(GRID)}}}, then one refinement trial (sqrt of the best rate",
+                "times its better neighbour's),",
                 "with a cosine schedule, 10 rounds, batch 16, 10 local steps (seq 32, seed 0, "
                 "10 clients, Dirichlet 0.5; bench/results/dp-tuning.jsonl).",
                 f"Trials at {source}: {done}.",
