@@ -75,10 +75,11 @@ def main() -> None:
             source = preset if own else "dp_eps8"
             provenance = [
                 f"Recipe {method}_{preset}: {status}. Grid, the same for every method: lr in "
-                f"{{{', '.join(GRID)}}}, then one refinement trial (sqrt of the best rate",
-                "times its better neighbour's),",
-                "with a cosine schedule, 10 rounds, batch 16, 10 local steps (seq 32, seed 0, "
-                "10 clients, Dirichlet 0.5; bench/results/dp-tuning.jsonl).",
+                f"{{{', '.join(GRID)}}},",
+                "then one refinement trial at sqrt(best grid lr x its better neighbour's); "
+                "cosine schedule, 10 rounds,",
+                "batch 16, 10 local steps (seq 32, seed 0, 10 clients, Dirichlet 0.5; "
+                "bench/results/dp-tuning.jsonl).",
                 f"Trials at {source}: {done}.",
             ]
             if not own:
