@@ -135,4 +135,6 @@ def test_client_dp_federation_reports_an_epsilon_the_ledger_replays(tmp_path) ->
     sample_level = [n["epsilon_spent"] for n in nodes if n["node"].startswith("partition-")]
     assert len(sample_level) + 1 == len(nodes)
     assert summary["epsilon_replay_max"] == pytest.approx(max(sample_level), rel=1e-12)
-    assert all(r["epsilon_max"] is not None for r in rows)
+    # (Poisson sampling can draw nobody, 0.5^8 per round: that round is still released
+    # and charged above, and has no client to report a sample-level epsilon.)
+    assert all(r["epsilon_max"] is not None for r in rows if r["clients"])
