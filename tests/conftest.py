@@ -111,9 +111,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
             if line.strip()]
 
 
-# The integration modules, longest first (seconds on 2 cores, measured): run in parallel
-# (pytest-xdist, one module per worker at a time), the long ones must start first or the
-# suite ends with one worker running the deploy test alone.
+# The integration modules, longest first (by their measured serial durations, printed by
+# --durations): run in parallel (pytest-xdist, one module per worker at a time), the long
+# ones must start first or the suite ends with one worker running the deploy test alone.
 _LONGEST_FIRST = ["test_deploy_fedlora", "test_simulation", "test_secure_aggregation",
                   "test_reliability", "test_dp_simulation", "test_deploy_local", "test_recipes",
                   "test_minilm", "test_client_level_dp", "test_deploy_compose"]
