@@ -24,7 +24,7 @@ from fedlora.task import messages as msgs
 from fedlora.task.evaluate import evaluate
 from fedlora.task.release import check_release, released_metrics, released_privacy
 from fedlora.task.secure_sum import named
-from fedlora.task.training import round_lr
+from fedlora.task.training import local_batch_size, round_lr
 
 from . import secure
 from .contribution import contribution
@@ -66,7 +66,9 @@ class _Release:
         self.node, self.private = node, private
         self.base: dict[str, float] = {"partition-id": float(node.partition),
                                        "rank": float(node.rank)}
-        count = node.public_num_examples if private else num_examples
+        declared = node.declared_size(num_examples)
+        self.declared = declared is not None
+        count = declared if private else num_examples
         # 0 in the envelope = "not released": the server then weighs the round uniformly.
         self.count = int(count or 0)
         if count is not None:
@@ -81,7 +83,7 @@ class _Release:
                 f.name: value for f in dataclasses.fields(envelope)
                 if (value := getattr(envelope, f.name)) not in (None, {}, "", 0)}
             check_release(metrics, fields, None if envelope is None else envelope.privacy,
-                          declared_size=self.node.public_num_examples is not None)
+                          declared_size=self.declared)
         return _reply(msg, data, metrics, notes)
 
 
@@ -199,7 +201,8 @@ def _init_round(msg: Message, context: Context, runtime: ClientRuntime, node: No
     steps = runtime.method.init_round_steps()
     if dp is None:
         settings = DPSettings(noise_multiplier=0.0, max_grad_norm=1e12,
-                              sample_rate=int(strategy["batch_size"]) / len(dataset), steps=steps)
+                              sample_rate=local_batch_size(strategy, len(dataset)) / len(dataset),
+                              steps=steps)
         ledger = None
     else:
         settings = DPSettings(**{**dp.settings.__dict__, "steps": steps})

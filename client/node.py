@@ -11,6 +11,7 @@ is the only example count the node releases).
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Any
 
 from flwr.app import ConfigRecord, Context
@@ -19,6 +20,9 @@ from fedlora.task.data import federation_partition
 from fedlora.task.messages import node_name
 
 from .runtime import ClientRuntime
+
+# In the environment of simulated nodes only (deploy/simulate.py sets it before Ray starts).
+SIMULATION_ENV = "FEDLORA_SIMULATED_NODES"
 
 
 def _optional_int(value: Any) -> int | None:
@@ -48,6 +52,19 @@ class NodeIdentity:
             cfg = dict(cfg, data=data_cfg)
             self.partitions, self.partition = 1, 0
         self.cfg = cfg
+
+    def declared_size(self, num_examples: int) -> int | None:
+        """The training-set size this node declares public, or None (under DP it then
+        releases no count). The node config's ``public-num-examples`` wins; in simulation
+        the job's ``simulation.public_sizes`` makes every simulated node declare its
+        partition's size. A deployed node ignores that key: the job config is the server's,
+        and releasing a size is the data owner's decision (node config)."""
+        if self.public_num_examples is not None:
+            return self.public_num_examples
+        simulated = os.environ.get(SIMULATION_ENV) == "1"  # set by deploy/simulate.py only
+        if simulated and (self.cfg.get("simulation") or {}).get("public_sizes"):
+            return num_examples
+        return None
 
     def bind(self, runtime: ClientRuntime) -> NodeIdentity:
         """The rank this node trains at, as its method decides (shared or its own)."""

@@ -18,6 +18,7 @@ from fedlora.privacy import (
     run_private_round,
 )
 from fedlora.task.evaluate import forward, loss_of
+from fedlora.task.training import local_batch_size
 
 
 @dataclass
@@ -46,7 +47,7 @@ def train_plain(
     """Non-private local training: shuffled mini-batches, cycling through the data."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, strategy)
-    loader = DataLoader(dataset, batch_size=int(strategy["batch_size"]), shuffle=True,
+    loader = DataLoader(dataset, batch_size=local_batch_size(strategy, len(dataset)), shuffle=True,
                         generator=generator)
     steps, seen, total, start = int(strategy["local_steps"]), 0, 0.0, time.perf_counter()
     done = 0
@@ -80,7 +81,7 @@ def train_private(
     """DP-SGD local training through privacy.run_private_round (ledger updated inside)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, strategy)
-    loader = dp_loader(dataset, int(strategy["batch_size"]))
+    loader = dp_loader(dataset, local_batch_size(strategy, len(dataset)))
     stats = run_private_round(
         model, optimizer, loader,
         lambda m, batch: forward(m, _to_device(batch, device), task),
@@ -96,7 +97,7 @@ def gradient_estimate(
     settings: DPSettings, ledger: PrivacyLedger | None, round: int,
 ) -> dict[str, torch.Tensor]:
     """Fed-SB init: the (DP when a ledger is given) mean gradient of each target weight."""
-    loader = dp_loader(dataset, int(strategy["batch_size"]))
+    loader = dp_loader(dataset, local_batch_size(strategy, len(dataset)))
     return run_private_gradient_estimate(
         model, weights, loader, lambda m, batch: forward(m, _to_device(batch, device), task),
         settings, ledger, round=round, generator=generator,

@@ -119,6 +119,10 @@ def deploy_local(argv: list[str]) -> int:
     if args.nodes < 1:
         parser.error("--nodes must be >= 1")
     job, run_dir = _compose(overrides)
+    if (job.get("simulation") or {}).get("public_sizes"):
+        print("fedlora: simulation.public_sizes is for simulation; in a deployment each data "
+              "owner declares its size with node config public-num-examples", file=sys.stderr)
+        return 2
     # One SuperNode per client; a node holds one partition.
     job["federation"]["num_clients"] = args.nodes
     job["federation"]["clients_per_round"] = min(int(job["federation"]["clients_per_round"]),

@@ -7,6 +7,7 @@ fails or is interrupted: ray.shutdown() first, then any descendant process still
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -102,6 +103,11 @@ def run_simulation(job: dict[str, Any], *, resume: bool = False) -> None:
         interrupted.set()
         raise KeyboardInterrupt
 
+    # The simulated nodes (Ray workers inherit this process's environment) may honour
+    # job-level declarations that a deployed node leaves to its data owner.
+    from fedlora.client.node import SIMULATION_ENV
+
+    os.environ[SIMULATION_ENV] = "1"
     in_main_thread = threading.current_thread() is threading.main_thread()
     if in_main_thread:
         signal.signal(signal.SIGINT, on_sigint)

@@ -60,6 +60,9 @@ def validate(cfg: Mapping[str, Any]) -> None:
     number("strategy", "lr", 0, above=True)
     number("strategy", "local_steps", 1, integer=True)
     number("strategy", "batch_size", 1, integer=True)
+    if strategy.get("sample_rate") is not None:
+        rate = number("strategy", "sample_rate", 0, above=True)
+        need(rate is None or rate <= 1, f"strategy.sample_rate must be <= 1, got {rate}")
     need(strategy.get("weighting") in ("examples", "uniform"),
          f"strategy.weighting must be 'examples' or 'uniform', got {strategy.get('weighting')!r}")
     try:
@@ -236,7 +239,7 @@ def validate_data(cfg: Mapping[str, Any], partition_sizes: list[int]) -> None:
                 f"client holds N_k = {smallest} examples (1/N_k = {1.0 / smallest:.3g})"
             )
     batch = int(cfg["strategy"]["batch_size"])
-    if batch > smallest:
+    if cfg["strategy"].get("sample_rate") is None and batch > smallest:
         problems.append(
             f"strategy.batch_size ({batch}) exceeds the smallest client's {smallest} examples"
         )

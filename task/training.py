@@ -126,3 +126,13 @@ def round_lr(cfg: Mapping[str, Any], round_: int) -> float:
     strategy = cfg["strategy"]
     schedule = LRSchedule.from_config(strategy.get("lr_schedule"))
     return schedule.lr(float(strategy["lr"]), round_, int(cfg["federation"]["rounds"]))
+
+
+def local_batch_size(strategy: Mapping[str, Any], num_examples: int) -> int:
+    """This client's (expected) batch: ``strategy.sample_rate`` x N_k when set, so every
+    client samples at about one rate q (under DP: the same amplification and noise
+    multiplier for all, batches proportional to size), else ``strategy.batch_size``."""
+    rate = strategy.get("sample_rate")
+    if rate is None:
+        return int(strategy["batch_size"])
+    return max(1, min(num_examples, round(float(rate) * num_examples)))

@@ -1,0 +1,61 @@
+"""One sample rate for every client (batch proportional to N_k) and declared public sizes:
+the rate the ledger records is the one the loader really samples at, and a node releases a
+size only where its data owner (node config) or, in simulation only, the job declared it."""
+
+from __future__ import annotations
+
+import pytest
+from flwr.app import ConfigRecord, Context, RecordDict
+
+from fedlora.client.dp import dp_setup
+from fedlora.client.node import SIMULATION_ENV, NodeIdentity
+from fedlora.task.config import ConfigError, compose_job, validate, validate_data
+from fedlora.task.training import local_batch_size
+
+
+def _node(cfg: dict, node_config: dict) -> NodeIdentity:
+    context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
+                      run_config={})
+    return NodeIdentity(cfg, ConfigRecord({}), context)
+
+
+def test_batch_is_the_rate_times_the_client_size() -> None:
+    fixed = {"batch_size": 16, "sample_rate": None}
+    assert [local_batch_size(fixed, n) for n in (32, 178, 900)] == [16, 16, 16]
+    rate = {"batch_size": 16, "sample_rate": 0.09}
+    assert [local_batch_size(rate, n) for n in (32, 178, 900)] == [3, 16, 81]
+    assert local_batch_size({"batch_size": 16, "sample_rate": 0.001}, 40) == 1  # never empty
+    assert local_batch_size({"batch_size": 16, "sample_rate": 1.0}, 40) == 40
+
+
+def test_ledger_rate_is_the_rate_the_loader_samples_at(tmp_path) -> None:
+    cfg = compose_job(["privacy=dp", "privacy.accountant=rdp", "strategy.sample_rate=0.09",
+                       "run_name=fed"])
+    for n in (37, 901):
+        setup = dp_setup(cfg, _node(cfg, {"ledger-dir": str(tmp_path)}), n)
+        assert setup.settings.sample_rate == local_batch_size(cfg["strategy"], n) / n
+        assert setup.settings.sample_rate == pytest.approx(0.09, abs=0.5 / n)
+
+
+def test_sample_rate_config_errors() -> None:
+    for bad, message in ((0, "sample_rate must be > 0"), (1.5, "sample_rate must be <= 1"),
+                         ("x", "sample_rate must be a number")):
+        cfg = compose_job([f"strategy.sample_rate={bad}"])
+        with pytest.raises(ConfigError, match=message):
+            validate(cfg)
+    cfg = compose_job(["strategy.sample_rate=0.5", "strategy.batch_size=64"])
+    validate_data(cfg, [40, 300])  # batch_size does not apply with one rate: no complaint
+    with pytest.raises(ConfigError, match="exceeds the smallest client"):
+        validate_data(compose_job(["strategy.batch_size=64"]), [40, 300])
+
+
+def test_sizes_are_declared_by_the_node_or_in_simulation_only(monkeypatch) -> None:
+    cfg = compose_job(["privacy=dp", "simulation.public_sizes=true"])
+    monkeypatch.delenv(SIMULATION_ENV, raising=False)
+    assert _node(cfg, {}).declared_size(178) is None  # a deployed node: the job cannot decide
+    assert _node(cfg, {"public-num-examples": 200}).declared_size(178) == 200
+    monkeypatch.setenv(SIMULATION_ENV, "1")
+    assert _node(cfg, {}).declared_size(178) == 178
+    assert _node(cfg, {"public-num-examples": 200}).declared_size(178) == 200
+    off = compose_job(["privacy=dp"])
+    assert _node(off, {}).declared_size(178) is None
