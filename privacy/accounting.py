@@ -19,6 +19,10 @@ import numpy as np
 ACCOUNTANTS: tuple[str, ...] = ("prv", "rdp")
 
 HistoryEntry = tuple[float, float, int]
+# Calibration stops once the replayed epsilon is this close below the target (Opacus's
+# get_noise_multiplier uses the same absolute tolerance).
+CALIBRATION_TOLERANCE = 0.01
+_MIN_SIGMA, _MAX_SIGMA = 1e-2, 1e4
 
 
 def check_accountant(accountant: str) -> str:
@@ -75,6 +79,7 @@ def calibrate_noise_multiplier(
     sample_rate: float,
     steps: int,
     accountant: str = "prv",
+    tolerance: float = CALIBRATION_TOLERANCE,
 ) -> float:
     """The noise multiplier that spends at most ``target_epsilon`` over ``steps`` steps.
 
@@ -82,33 +87,52 @@ def calibrate_noise_multiplier(
     steps, e.g. Fed-SB's init batches). Calibrating per round, which is what
     ``make_private_with_epsilon`` does when called every round, spends several times the
     budget over the run.
+
+    The answer is the noise multiplier whose replayed epsilon (the very replay the ledger
+    reports with) is at most the target and within ``tolerance`` of it, as Opacus's
+    ``get_noise_multiplier`` promises; it gets there in about 6 accountant evaluations
+    instead of about 20 (bracket, then interpolation in log-log, where epsilon(sigma) is
+    nearly a straight line), because a deployed node calibrates in every ClientApp
+    process and one PRV evaluation costs about 0.2 s.
     """
     check_accountant(accountant)
-    target_epsilon = check_epsilon(target_epsilon, "target_epsilon")
+    target = check_epsilon(target_epsilon, "target_epsilon")
     delta = check_delta(delta)
     sample_rate = check_sample_rate(sample_rate)
     steps = check_steps(steps)
-    from opacus.accountants.utils import get_noise_multiplier  # slow import: on first use
 
-    with _quiet():
-        sigma = float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant=accountant,
-            )
-        )
-    # get_noise_multiplier's bisection keeps the side whose epsilon is below the target;
-    # re-check with the very replay the ledger reports with, so the promise is ours.
-    spent = epsilon_for_history([(sigma, sample_rate, steps)], delta, accountant)
-    if spent > target_epsilon:  # pragma: no cover - defensive, Opacus keeps the safe side
-        raise RuntimeError(
-            f"calibration gave sigma={sigma} whose replayed epsilon {spent} exceeds "
-            f"the target {target_epsilon}"
-        )
-    return sigma
+    def spent(sigma: float) -> float:
+        return epsilon_for_history([(sigma, sample_rate, steps)], delta, accountant)
+
+    # Bracket: eps(low) > target >= eps(high); epsilon falls as sigma grows.
+    high, e_high = 1.0, spent(1.0)
+    low, e_low = high, e_high
+    while e_high > target:
+        low, e_low = high, e_high
+        high *= 2.0
+        e_high = spent(high)
+        if high > _MAX_SIGMA:
+            raise ValueError(f"target_epsilon={target} needs a noise multiplier above "
+                             f"{_MAX_SIGMA}: is the budget meant to be that small?")
+    while e_low <= target:
+        high, e_high = low, e_low
+        low /= 2.0
+        if low < _MIN_SIGMA:
+            return high  # a budget this large needs (almost) no noise
+        e_low = spent(low)
+    while target - e_high > tolerance:
+        # Interpolate log sigma at log(target - tolerance / 2), kept inside the bracket.
+        want = math.log(target - tolerance / 2)
+        t = (want - math.log(e_low)) / (math.log(e_high) - math.log(e_low)) if \
+            math.isfinite(e_low) else 0.5
+        t = min(max(t, 0.05), 0.95)
+        sigma = math.exp(math.log(low) + t * (math.log(high) - math.log(low)))
+        e = spent(sigma)
+        if e > target:
+            low, e_low = sigma, e
+        else:
+            high, e_high = sigma, e
+    return high
 
 
 def merge_history(entries: Iterable[Sequence[float]]) -> list[HistoryEntry]:

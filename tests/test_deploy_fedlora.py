@@ -12,45 +12,33 @@ from .conftest import read_metrics, run_fedlora
 
 pytestmark = pytest.mark.integration
 TINY = ["model=tiny_bert", "data=synthetic"]
+NODES = 3
 
 
-def test_four_nodes_secure_aggregation_and_node_ledgers_across_runs(tmp_path):
-    """Run 1: the four stages of secure aggregation as real messages over TLS + node auth,
-    with DP-SGD on the nodes, whose ledgers live on the nodes (nothing on the server).
-
-    Run 1 is calibrated to spend the whole budget in its rounds, so when the nodes are
-    started again for run 2 of the same federation they refuse to train ("budget
-    exhausted") instead of spending past it.
-    """
+def test_secure_aggregation_over_tls_with_ledgers_on_the_nodes(tmp_path):
+    """The four stages of secure aggregation as real messages over TLS + node auth, with
+    DP-SGD on the nodes, whose ledgers live on the nodes (nothing on the server). Three
+    nodes and one round: Flower starts a ClientApp process per message, so each node-round
+    costs several process starts; the simulation tests cover more rounds, and what a node
+    does with a ledger it finds again (refuse when spent or lost) is the same code
+    (tests/test_dp_simulation.py)."""
     ledgers = tmp_path / "node-ledgers"
-    args = ["deploy", "local", "--nodes", "4", "--ledger-root", str(ledgers), *TINY,
-            "strategy=ffa", "privacy=dp", "privacy.epsilon=3", "run_name=edge-fed"]
-    first = tmp_path / "run1"
-    proc = run_fedlora([*args, "secure_aggregation=true", "federation.rounds=2",
-                        f"hydra.run.dir={first}"])
+    run = tmp_path / "run"
+    proc = run_fedlora(["deploy", "local", "--nodes", str(NODES), "--ledger-root", str(ledgers),
+                        *TINY, "strategy=ffa", "privacy=dp", "privacy.epsilon=3",
+                        "run_name=edge-fed", "secure_aggregation=true", "federation.rounds=1",
+                        f"hydra.run.dir={run}"])
     assert "TLS + node auth" in proc.stdout + proc.stderr
-    rows = read_metrics(first)
-    assert [r["round"] for r in rows] == [1, 2]
-    assert all(len(r["clients"]) == 4 for r in rows)
-    assert all(r["secure_aggregation"]["survivors"] == 4 and r["adapter_bytes_up"] == 0
-               for r in rows)
-    assert (first / "summary.json").is_file()
-    assert (first / "adapter" / "adapter_config.json").is_file()
+    (row,) = read_metrics(run)
+    assert row["round"] == 1 and len(row["clients"]) == NODES
+    assert row["secure_aggregation"]["survivors"] == NODES and row["adapter_bytes_up"] == 0
+    assert (run / "summary.json").is_file()
+    assert (run / "adapter" / "adapter_config.json").is_file()
     files = sorted(ledgers.glob("partition-*/privacy/*.privacy.json"))
-    assert len(files) == 4
-    assert not (first / "privacy").exists()  # nothing on the server side
-    spent = {p: json.loads(p.read_text())["epsilon_spent"] for p in files}
-    assert all(0 < e <= 3.0 for e in spent.values())
-    assert all(0 < c["epsilon"] <= 3.0 for r in rows for c in r["clients"])
-
-    second = tmp_path / "run2"
-    run_fedlora([*args, "federation.rounds=1", "federation.seed=1",
-                 f"hydra.run.dir={second}"])
-    (row,) = read_metrics(second)
-    assert row["skipped"] and not row["clients"]
-    assert sorted(r["node"] for r in row["refused"]) == [f"partition-{k}" for k in range(4)]
-    assert all("budget exhausted" in r["reason"] for r in row["refused"])
+    assert [p.parent.parent.name for p in files] == [f"partition-{k}" for k in range(NODES)]
+    assert not (run / "privacy").exists()  # nothing on the server side
     for path in files:
         ledger = json.loads(path.read_text())
-        assert ledger["epsilon_spent"] == spent[path]  # kept, and nothing more spent
-        assert len(ledger["rounds"]) == 2
+        assert [r["round"] for r in ledger["rounds"]] == [1]
+        assert 0 < ledger["epsilon_spent"] <= 3.0
+    assert all(0 < c["epsilon"] <= 3.0 for c in row["clients"])

@@ -81,21 +81,34 @@ def test_privacy_report_command(dp_sweep):
     assert "withheld: training loss" in proc.stdout
 
 
-def test_a_lost_ledger_refuses_and_the_others_go_on(dp_sweep, tmp_path):
-    """A second run of the ffa federation above (its run_name, its node ledgers), after
-    node 0 lost its ledger in between."""
+def test_lost_and_exhausted_ledgers_refuse_and_a_fresh_node_trains(dp_sweep, tmp_path):
+    """A second run of the ffa federation above (its run_name, its node ledgers, the same
+    epsilon) after node 0 lost its ledger and node 2 was replaced by a node that never
+    trained: node 0 refuses (it must not restart from zero), node 1 refuses (its budget
+    was spent in the first run), node 2 trains."""
     ledgers = tmp_path / "ledgers"
     shutil.copytree(dp_sweep["ffa"] / "privacy", ledgers)
     (lost,) = ledgers.glob("*partition-0*.privacy.json")
     assert lost.with_suffix(".secret").is_file()
     lost.unlink()  # e.g. a container restarted without its volume
+    (fresh,) = ledgers.glob("*partition-2*.privacy.json")
+    fresh.with_suffix(".secret").unlink()
+    fresh.unlink()
+    (spent,) = ledgers.glob("*partition-1*.privacy.json")
+    before = json.loads(spent.read_text())
     run_fedlora(["simulate", "model=tiny_bert", "data=synthetic", "strategy=ffa", "privacy=dp",
                  f"privacy.ledger_dir={ledgers}", "run_name=ffa-synthetic",
                  f"federation.num_clients={CLIENTS}", f"federation.clients_per_round={CLIENTS}",
-                 "privacy.epsilon=8", "federation.rounds=2", f"hydra.run.dir={tmp_path / 'run2'}"])
-    first = read_metrics(tmp_path / "run2")[0]
-    assert [r["node"] for r in first["refused"]] == ["partition-0"]
-    assert "ledger" in first["refused"][0]["reason"] and "missing" in first["refused"][0]["reason"]
-    assert sorted(c["node"] for c in first["clients"]) == ["partition-1", "partition-2"]
-    assert not first["skipped"]
+                 "federation.min_clients=1", f"privacy.epsilon={EPSILON}", "federation.rounds=1",
+                 f"hydra.run.dir={tmp_path / 'run2'}"])
+    (row,) = read_metrics(tmp_path / "run2")
+    refused = {r["node"]: r["reason"] for r in row["refused"]}
+    assert sorted(refused) == ["partition-0", "partition-1"]
+    assert "ledger" in refused["partition-0"] and "missing" in refused["partition-0"]
+    assert "budget exhausted" in refused["partition-1"]
+    assert [c["node"] for c in row["clients"]] == ["partition-2"] and not row["skipped"]
     assert not lost.exists()  # nothing restarted the budget from zero
+    after = json.loads(spent.read_text())
+    assert after["epsilon_spent"] == before["epsilon_spent"]  # kept, nothing more spent
+    assert after["rounds"] == before["rounds"]
+    assert 0 < json.loads(fresh.read_text())["epsilon_spent"] <= EPSILON

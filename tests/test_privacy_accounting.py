@@ -51,6 +51,28 @@ def test_federation_wide_calibration_keeps_budget_and_per_round_does_not() -> No
     assert spent_trap > 1.3 * target
 
 
+@pytest.mark.parametrize("accountant", ACCOUNTANTS)
+@pytest.mark.parametrize("target, q, steps", [(2.0, 16 / 300, 30), (8.0, 0.09, 100)])
+def test_calibration_lands_just_below_the_target_as_opacus_does(
+        accountant: str, target: float, q: float, steps: int) -> None:
+    """Our bracket-and-interpolate search keeps Opacus get_noise_multiplier's promise:
+    the replayed epsilon is at most the target and within its 0.01 tolerance."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    delta = 1e-5
+    sigma = calibrate_noise_multiplier(target, delta, q, steps, accountant)
+    assert target - 0.01 <= epsilon_for_history([(sigma, q, steps)], delta, accountant) <= target
+    theirs = get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=q,
+                                  steps=steps, accountant=accountant)
+    assert sigma == pytest.approx(theirs, rel=0.01)
+
+
+def test_calibration_refuses_a_budget_no_noise_reaches() -> None:
+    # RDP's conversion has a floor (its largest order): no noise multiplier gets below it.
+    with pytest.raises(ValueError, match="noise multiplier above"):
+        calibrate_noise_multiplier(0.1, 1e-5, 0.01, 1000, "rdp")
+
+
 def test_replay_empty_and_noiseless() -> None:
     assert epsilon_for_history([], 1e-5) == 0.0
     assert epsilon_for_history([(0.0, 0.1, 10)], 1e-5, "rdp") == math.inf
