@@ -8,14 +8,15 @@ import secrets
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from opacus.data_loader import DPDataLoader
-from opacus.grad_sample import GradSampleHooks
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
+
+if TYPE_CHECKING:  # Opacus costs ~4 s of imports; the server only needs secure_generator
+    from opacus.data_loader import DPDataLoader
 
 IGNORE_INDEX = -100
 
@@ -67,6 +68,8 @@ def poisson_loader(
     Opacus's own conversion uses q = 1 / len(loader) = 1 / ceil(N / b), which is not b / N
     unless b divides N, and it ignores our generator; we sample (and account) at q = b / N.
     """
+    from opacus.data_loader import DPDataLoader
+
     return DPDataLoader(
         data_loader.dataset,  # type: ignore[arg-type]
         sample_rate=sample_rate,
@@ -148,6 +151,8 @@ def check_trainable(model: nn.Module) -> list[nn.Parameter]:
             "the model must be in train() mode: Opacus captures per-sample gradients "
             "only in training mode (call model.train())"
         )
+    from opacus.grad_sample import GradSampleHooks
+
     # A module without a registered grad sampler goes through functorch, which replays
     # its forward from positional inputs only; for a composite module (one with
     # parameterised children, often called with keyword arguments) that is unreliable.

@@ -89,9 +89,26 @@ def kill_all(token: str, grace_s: float = 10.0) -> None:
         time.sleep(0.2)
 
 
+# Simulations in tests run one Ray actor (Ray may use 1 CPU): the tiny models train in
+# milliseconds, while every actor pays ~9 CPU-s of imports and model loading, and two
+# tests share the 2 cores (pytest-xdist).
+ONE_ACTOR = "simulation.num_cpus=1"
+
+
+def with_one_actor(args: list[str]) -> list[str]:
+    """``args`` of a `fedlora simulate` (or `tune`, whose overrides follow --) plus
+    :data:`ONE_ACTOR`; other commands unchanged."""
+    command = args[0] if args else ""
+    if command == "simulate" or (command == "tune" and "--" in args):
+        return [*args, ONE_ACTOR]
+    return list(args)
+
+
 def run_fedlora(args: list[str], *, timeout: float = 900, check: bool = True
                 ) -> subprocess.CompletedProcess:
-    """Run `fedlora ARGS`; on failure show its output; then check nothing is left."""
+    """Run `fedlora ARGS` (a simulation with :data:`ONE_ACTOR`); on failure show its
+    output; then check nothing is left."""
+    args = with_one_actor(args)
     token = new_token()
     try:
         proc = subprocess.run(fedlora_cmd() + args, cwd=ROOT, env=marked_env(token),

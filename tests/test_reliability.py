@@ -30,6 +30,7 @@ from .conftest import (
     new_token,
     read_metrics,
     run_fedlora,
+    with_one_actor,
 )
 
 pytestmark = pytest.mark.integration
@@ -40,7 +41,8 @@ BASE = ["model=tiny_bert", "data=synthetic", "strategy=ffa", "strategy.lr=0.02",
 def _kill_after_checkpoint(run_dir: Path, args: list[str], round_: int) -> None:
     """Start `fedlora simulate`, SIGKILL its process group once round_'s checkpoint exists."""
     token = new_token()
-    proc = subprocess.Popen(fedlora_cmd() + ["simulate", *args, f"hydra.run.dir={run_dir}"],
+    proc = subprocess.Popen(fedlora_cmd() + with_one_actor(["simulate", *args,
+                                                            f"hydra.run.dir={run_dir}"]),
                             cwd=ROOT, env=marked_env(token), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     checkpoint = run_dir / "checkpoints" / f"round-{round_:06d}"
