@@ -25,10 +25,15 @@ import numpy as np
 MAX_BITS = 44  # float64 keeps the scaling exact to 2^(bits-52) steps (see sum_error_bound)
 
 
+def modulus_bits(bits: int, num_clients: int) -> int:
+    """log2 M = bits + ceil(log2 n): the ring a sum of n inputs of ``bits`` bits needs."""
+    return bits + math.ceil(math.log2(max(num_clients, 1)))
+
+
 def check_sum_fits(bits: int, num_clients: int) -> None:
     """Raise ValueError unless a sum of ``num_clients`` inputs quantized to ``bits`` bits
-    converts to float64 exactly: bits + ceil(log2 n) <= 53 (the modulus' size)."""
-    need = bits + math.ceil(math.log2(max(num_clients, 1)))
+    converts to float64 exactly: the modulus' size bits + ceil(log2 n) <= 53."""
+    need = modulus_bits(bits, num_clients)
     if need > 53:
         raise ValueError(f"bits + ceil(log2(num_clients)) = {bits} + {need - bits} = "
                          f"{need} bits, over float64's 53: the sum would not convert "
@@ -69,7 +74,7 @@ class SecAggParams:
 
     @property
     def modulus_bits(self) -> int:  # log2 M
-        return self.bits + math.ceil(math.log2(self.num_clients))
+        return modulus_bits(self.bits, self.num_clients)
 
     @property
     def modulus(self) -> int:

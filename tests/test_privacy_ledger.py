@@ -168,3 +168,27 @@ def test_report_row(tmp_path: Path) -> None:
     assert row["node"] == "node-0" and row["steps"] == 8 and row["rounds"] == 2
     assert row["noise_multiplier"] == 1.0 and row["max_grad_norm"] == 0.7
     assert row["epsilon"] == ledger.epsilon_spent and row["delta"] == DELTA
+
+
+def test_lazy_package_names_agree_and_resolve() -> None:
+    """privacy/__init__.py lists its names three times (the lazy map, __all__, the
+    TYPE_CHECKING imports); they must agree, and each resolves to its owner's object."""
+    import ast
+    import importlib
+    from pathlib import Path
+
+    import fedlora.privacy as package
+
+    tree = ast.parse(Path(package.__file__).read_text())
+    checked = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If):  # the TYPE_CHECKING block
+            for stmt in node.body:
+                if isinstance(stmt, ast.ImportFrom):
+                    checked.update({alias.asname or alias.name: stmt.module
+                                    for alias in stmt.names})
+    assert checked == package._OWNERS
+    assert sorted(package.__all__) == sorted(package._OWNERS)
+    for name, owner in package._OWNERS.items():
+        module = importlib.import_module(f"fedlora.privacy.{owner}")
+        assert getattr(package, name) is getattr(module, name), name
