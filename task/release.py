@@ -10,7 +10,9 @@ noised and accounted. Under DP every other value in a reply must be either
 - accounted: the privacy spent itself (epsilon, rounded up: never reported below what
   was spent); or
 - declared public by the data owner: the training-set size, only when the node config
-  sets ``public-num-examples`` (that declared value is what is sent, not the true one).
+  sets ``public-num-examples`` (that declared value is what is sent, not the true one);
+  in simulation the job's ``simulation.public_sizes`` speaks for the simulated owners
+  (each declares its true size; client/node.py).
 
 Withheld under DP: the training loss (a function of the private examples outside the
 mechanism: it stays in the node's log), the exact example count (it changes by one with
