@@ -56,15 +56,17 @@ def test_federation_wide_calibration_keeps_budget_and_per_round_does_not() -> No
 def test_calibration_lands_just_below_the_target_as_opacus_does(
         accountant: str, target: float, q: float, steps: int) -> None:
     """Our bracket-and-interpolate search keeps Opacus get_noise_multiplier's promise:
-    the replayed epsilon is at most the target and within its 0.01 tolerance."""
+    the replayed epsilon is at most the target and within its 0.01 tolerance (compared
+    with Opacus's own search under RDP, whose evaluations are cheap)."""
     from opacus.accountants.utils import get_noise_multiplier
 
     delta = 1e-5
     sigma = calibrate_noise_multiplier(target, delta, q, steps, accountant)
     assert target - 0.01 <= epsilon_for_history([(sigma, q, steps)], delta, accountant) <= target
-    theirs = get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=q,
-                                  steps=steps, accountant=accountant)
-    assert sigma == pytest.approx(theirs, rel=0.01)
+    if accountant == "rdp":
+        theirs = get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=q,
+                                      steps=steps, accountant=accountant)
+        assert sigma == pytest.approx(theirs, rel=0.01)
 
 
 def test_calibration_refuses_a_budget_no_noise_reaches() -> None:
