@@ -59,3 +59,13 @@ def test_sizes_are_declared_by_the_node_or_in_simulation_only(monkeypatch) -> No
     assert _node(cfg, {"public-num-examples": 200}).declared_size(178) == 200
     off = compose_job(["privacy=dp"])
     assert _node(off, {}).declared_size(178) is None
+
+
+def test_deploy_local_refuses_public_sizes_before_any_work(tmp_path, capsys) -> None:
+    from fedlora.deploy.local_run import deploy_local
+
+    run = tmp_path / "run"
+    assert deploy_local(["--nodes", "2", "model=tiny_bert", "data=synthetic",
+                         "simulation.public_sizes=true", f"hydra.run.dir={run}"]) == 2
+    assert "public-num-examples" in capsys.readouterr().err
+    assert not run.exists()
