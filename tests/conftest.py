@@ -131,9 +131,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
 # The integration modules, longest first (by their measured serial durations, printed by
 # --durations): run in parallel (pytest-xdist, one module per worker at a time), the long
 # ones must start first or the suite ends with one worker running the deploy test alone.
-_LONGEST_FIRST = ["test_deploy_fedlora", "test_simulation", "test_secure_aggregation",
-                  "test_reliability", "test_dp_simulation", "test_deploy_local", "test_recipes",
-                  "test_minilm", "test_client_level_dp", "test_deploy_compose"]
+_LONGEST_FIRST = ["test_simulation", "test_secure_aggregation", "test_reliability",
+                  "test_deploy_fedlora", "test_dp_simulation", "test_deploy_local", "test_minilm",
+                  "test_recipes", "test_client_level_dp", "test_deploy_compose"]
 
 
 def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001 - pytest hook
