@@ -100,6 +100,8 @@ def calibrate_noise_multiplier(
     delta = check_delta(delta)
     sample_rate = check_sample_rate(sample_rate)
     steps = check_steps(steps)
+    if not _is_number(tolerance) or not 0 < tolerance < target:
+        raise ValueError(f"tolerance must be in (0, target_epsilon), got {tolerance!r}")
 
     def spent(sigma: float) -> float:
         return epsilon_for_history([(sigma, sample_rate, steps)], delta, accountant)

@@ -30,6 +30,7 @@ from fedlora.privacy import (
         dict(steps=0),
         dict(steps=2.5),
         dict(accountant="gdp"),
+        dict(tolerance=0.0),
     ],
 )
 def test_calibration_rejects_bad_inputs(kwargs: dict) -> None:
