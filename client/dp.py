@@ -23,7 +23,7 @@ from fedlora.privacy import (
     validate_delta,
 )
 from fedlora.task.files import atomic_write
-from fedlora.task.training import local_batch_size
+from fedlora.task.training import local_sample_rate
 
 from .node import NodeIdentity
 
@@ -66,7 +66,7 @@ def dp_setup(cfg: dict[str, Any], node: NodeIdentity, num_examples: int,
     budget = effective_epsilon(float(privacy["epsilon"]),
                                None if node.max_epsilon is None else float(node.max_epsilon))
     strategy, fed = cfg["strategy"], cfg["federation"]
-    sample_rate = local_batch_size(strategy, num_examples) / num_examples
+    sample_rate = local_sample_rate(strategy, num_examples)
     planned = int(strategy["local_steps"]) * int(fed["rounds"]) + extra_steps
     sigma = _calibrated_sigma(budget, delta, sample_rate, planned, privacy["accountant"])
     if not node.ledger_dir:

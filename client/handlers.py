@@ -24,7 +24,7 @@ from fedlora.task import messages as msgs
 from fedlora.task.evaluate import evaluate
 from fedlora.task.release import check_release, released_metrics, released_privacy
 from fedlora.task.secure_sum import named
-from fedlora.task.training import local_batch_size, round_lr
+from fedlora.task.training import local_sample_rate, round_lr
 
 from . import secure
 from .contribution import contribution
@@ -201,8 +201,7 @@ def _init_round(msg: Message, context: Context, runtime: ClientRuntime, node: No
     steps = runtime.method.init_round_steps()
     if dp is None:
         settings = DPSettings(noise_multiplier=0.0, max_grad_norm=1e12,
-                              sample_rate=local_batch_size(strategy, len(dataset)) / len(dataset),
-                              steps=steps)
+                              sample_rate=local_sample_rate(strategy, len(dataset)), steps=steps)
         ledger = None
     else:
         settings = DPSettings(**{**dp.settings.__dict__, "steps": steps})

@@ -107,6 +107,7 @@ def run_simulation(job: dict[str, Any], *, resume: bool = False) -> None:
     # job-level declarations that a deployed node leaves to its data owner.
     from fedlora.client.node import SIMULATION_ENV
 
+    previous_env = os.environ.get(SIMULATION_ENV)
     os.environ[SIMULATION_ENV] = "1"
     in_main_thread = threading.current_thread() is threading.main_thread()
     if in_main_thread:
@@ -117,6 +118,10 @@ def run_simulation(job: dict[str, Any], *, resume: bool = False) -> None:
                             backend_config=backend)
     finally:
         stop_everything()
+        if previous_env is None:  # this process is not a simulated node once the run ends
+            os.environ.pop(SIMULATION_ENV, None)
+        else:
+            os.environ[SIMULATION_ENV] = previous_env
         if in_main_thread:
             signal.signal(signal.SIGINT, previous)
     if interrupted.is_set():

@@ -90,7 +90,7 @@ def calibrate_noise_multiplier(
 
     The answer is the noise multiplier whose replayed epsilon (the very replay the ledger
     reports with) is at most the target and within ``tolerance`` of it, as Opacus's
-    ``get_noise_multiplier`` promises; it gets there in about 6 accountant evaluations
+    ``get_noise_multiplier`` promises; it gets there in 5 to 7 accountant evaluations
     instead of about 20 (bracket, then interpolation in log-log, where epsilon(sigma) is
     nearly a straight line), because a deployed node calibrates in every ClientApp
     process and one PRV evaluation costs about 0.2 s.

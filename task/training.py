@@ -136,3 +136,8 @@ def local_batch_size(strategy: Mapping[str, Any], num_examples: int) -> int:
     if rate is None:
         return int(strategy["batch_size"])
     return max(1, min(num_examples, round(float(rate) * num_examples)))
+
+
+def local_sample_rate(strategy: Mapping[str, Any], num_examples: int) -> float:
+    """q_k = b_k / N_k: the rate this client's loader samples at (and its ledger records)."""
+    return local_batch_size(strategy, num_examples) / num_examples
