@@ -71,11 +71,12 @@ def _simulate(rest: list[str]) -> int:
     """Hydra owns the argument list: overrides, -m for multirun, hydra.run.dir=..."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import DictConfig, OmegaConf
 
     from fedlora.task.config import ConfigError
 
-    from .simulate import RunFailed, prepare_run, run_simulation
+    from .simulate import RunFailed, prepare_run, run_simulation, stop_everything
 
     _quiet()
     status = {"code": 0}
@@ -90,13 +91,17 @@ def _simulate(rest: list[str]) -> int:
             status["code"] = 2
             return
         try:
-            run_simulation(job)
+            # A multirun's jobs share one Ray session, stopped once after the last job.
+            run_simulation(job, keep_ray=HydraConfig.get().mode == RunMode.MULTIRUN)
         except RunFailed as exc:
             print(f"fedlora: {exc}; completed rounds are kept in {run_dir}", file=sys.stderr)
             status["code"] = 1
 
     sys.argv = ["fedlora simulate", *rest]
-    task()
+    try:
+        task()
+    finally:
+        stop_everything()
     return status["code"]
 
 

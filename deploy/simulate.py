@@ -2,6 +2,8 @@
 
 Everything the run starts (Ray's processes, its workers) is stopped when the run ends,
 fails or is interrupted: ray.shutdown() first, then any descendant process still alive.
+A Hydra multirun keeps one Ray session for all its jobs (``keep_ray``; starting and
+stopping Ray costs about 6 s a job) and stops it when the multirun ends or a job fails.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +64,32 @@ class _HideRunSimulationNotice(logging.Filter):
                     and "run_simulation" in str(record.args))
 
 
-def run_simulation(job: dict[str, Any], *, resume: bool = False) -> None:
-    """Run the job's federation with Flower's simulation runtime; raise RunFailed on failure."""
+# The Ray init arguments of a session kept alive for the next job of a multirun.
+_kept_session: dict[str, Any] | None = None
+
+
+@contextmanager
+def _ray_shutdown_deferred():
+    """Flower's Ray backend ends every run with ray.shutdown(), which a multirun's next job
+    would pay for again; while this is active that call is skipped (the run's actors are
+    still killed by the backend) and the caller decides when Ray stops."""
+    import ray
+
+    real_shutdown = ray.shutdown
+    ray.shutdown = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        ray.shutdown = real_shutdown
+
+
+def run_simulation(job: dict[str, Any], *, resume: bool = False, keep_ray: bool = False) -> None:
+    """Run the job's federation with Flower's simulation runtime; raise RunFailed on failure.
+
+    keep_ray: leave the Ray session running for another job with the same resources (a
+    multirun); the caller ends it with stop_everything(). A failed run always stops it.
+    """
+    global _kept_session
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     flwr_logger = logging.getLogger("flwr")
@@ -94,6 +121,8 @@ def run_simulation(job: dict[str, Any], *, resume: bool = False) -> None:
     }
     if sim.get("num_cpus"):
         backend["init_args"]["num_cpus"] = int(sim["num_cpus"])
+    if _kept_session is not None and _kept_session != backend["init_args"]:
+        stop_everything()  # a job asking for other resources gets a fresh session
     # Ctrl-C must end the whole command (a Hydra multirun too), whatever the runtime's
     # threads make of the KeyboardInterrupt: remember it and raise it again at the end.
     interrupted = threading.Event()
@@ -112,12 +141,18 @@ def run_simulation(job: dict[str, Any], *, resume: bool = False) -> None:
     in_main_thread = threading.current_thread() is threading.main_thread()
     if in_main_thread:
         signal.signal(signal.SIGINT, on_sigint)
+    finished = False
     try:
-        flwr_run_simulation(server_app=server_app, client_app=client_app,
-                            num_supernodes=int(job["federation"]["num_clients"]),
-                            backend_config=backend)
+        with _ray_shutdown_deferred() if keep_ray else nullcontext():
+            flwr_run_simulation(server_app=server_app, client_app=client_app,
+                                num_supernodes=int(job["federation"]["num_clients"]),
+                                backend_config=backend)
+        finished = "summary" in outcome and not interrupted.is_set()
     finally:
-        stop_everything()
+        if keep_ray and finished:
+            _kept_session = dict(backend["init_args"])
+        else:
+            stop_everything()
         if previous_env is None:  # this process is not a simulated node once the run ends
             os.environ.pop(SIMULATION_ENV, None)
         else:
@@ -134,6 +169,8 @@ def run_simulation(job: dict[str, Any], *, resume: bool = False) -> None:
 
 def stop_everything() -> None:
     """Stop Ray and any process this one started that is still running."""
+    global _kept_session
+    _kept_session = None
     try:
         import ray
 
