@@ -151,6 +151,10 @@ def run_simulation(job: dict[str, Any], *, resume: bool = False, keep_ray: bool 
     finally:
         if keep_ray and finished:
             _kept_session = dict(backend["init_args"])
+            import ray
+
+            print(f"[fedlora] Ray node {ray.get_runtime_context().get_node_id()[:12]} kept "
+                  "for the multirun's next job", flush=True)
         else:
             stop_everything()
         if previous_env is None:  # this process is not a simulated node once the run ends

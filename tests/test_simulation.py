@@ -9,6 +9,7 @@ model's logits.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -28,10 +29,13 @@ MODULES = 4  # 2 layers x (query, value)
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("sweep")
-    run_fedlora(["simulate", "-m", "model=tiny_bert", "data=synthetic",
-                 f"strategy={','.join(METHODS)}", "federation.rounds=2",
-                 f"federation.num_clients={CLIENTS}", f"federation.clients_per_round={CLIENTS}",
-                 f"hydra.sweep.dir={out}"])
+    proc = run_fedlora(["simulate", "-m", "model=tiny_bert", "data=synthetic",
+                        f"strategy={','.join(METHODS)}", "federation.rounds=2",
+                        f"federation.num_clients={CLIENTS}",
+                        f"federation.clients_per_round={CLIENTS}", f"hydra.sweep.dir={out}"])
+    # One Ray session served every job (run_fedlora checked it is stopped at the end).
+    kept = re.findall(r"Ray node (\w+) kept for the multirun's next job", proc.stdout)
+    assert len(kept) == len(METHODS) and len(set(kept)) == 1, kept
     runs = {}
     for method in METHODS:
         (found,) = out.glob(f"*-{method}")
