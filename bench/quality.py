@@ -6,7 +6,9 @@ overrides (default: sequence length 32): with privacy=dp_epsN the method's tuned
 is resumable and incremental: each finished run is appended to --results at once and a
 rerun skips finished cells, so the table can grow over several sessions; a cell whose
 resolved config equals a finished tuning trial's (--reuse) is taken from that trial, not
-run again. --collect-only rewrites the generated section of docs/RESULTS.md (between its
+run again. A cell that ran under an older recipe (its stored config digest differs from
+what its overrides compose to now) is set aside to <results>-stale.jsonl and runs again.
+--collect-only rewrites the generated section of docs/RESULTS.md (between its
 markers) and docs/results.png (accuracy vs epsilon, per-round curves) from what has finished.
 
 Usage: python bench/quality.py [--methods ...] [--privacy none dp_eps8 ...] [--seeds 0 1]
@@ -16,11 +18,19 @@ Usage: python bench/quality.py [--methods ...] [--privacy none dp_eps8 ...] [--s
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
 
-from fedlora.deploy.tune import append_result, read_results, run_trials, trial_key
+from fedlora.deploy.tune import (
+    append_result,
+    config_digest,
+    read_results,
+    run_trials,
+    trial_key,
+)
+from fedlora.task.files import atomic_write
 
 METHODS = ["fedavg", "ffa", "flora", "fedsvd", "fedsb"]
 PRIVACY = ["none", "dp_eps8", "dp_eps3", "dp_eps1"]
@@ -173,37 +183,46 @@ def write_tuning(rows: list[dict], out: Path, sources: list[Path]) -> None:
 
 def reuse_equivalent(cells: list[list[str]], fixed: list[str], results: Path,
                      sources: list[Path]) -> int:
-    """Take a cell from a finished tuning trial whose resolved job config is the cell's
-    (recipe_name aside): running it again would only repeat that run. The row keeps the
-    trial's key in ``reused_from``. Returns how many cells were filled."""
-    from fedlora.task.config import compose_job
-
-    def comparable(overrides: list[str]) -> dict:
-        cfg = compose_job(overrides)
-        cfg.pop("recipe_name", None)
-        return cfg
-
+    """Take a cell from a finished tuning trial that ran the cell's job (the same
+    ``config_digest``, recipe_name aside): running it again would only repeat that run. The
+    row keeps the trial's key in ``reused_from``. Returns how many cells were filled."""
     done = {r["key"] for r in read_results(results)}
-    pool = [r for p in sources for r in read_results(p)]
-    seen: dict[str, dict] = {}
+    by_digest: dict[str, dict] = {}
+    for row in (r for p in sources for r in read_results(p)):
+        if row.get("config_digest"):  # rows from before digests: what they ran is unknown
+            by_digest.setdefault(row["config_digest"], row)
     filled = 0
     for cell in cells:
         key = trial_key([*fixed, *cell])
-        if key in done:
-            continue
-        want = comparable([*fixed, *cell])
-        for row in pool:
-            if row["key"] not in seen:
-                seen[row["key"]] = comparable(row["overrides"])
-            if seen[row["key"]] == want:
-                reused = {**row, "key": key, "overrides": [*fixed, *cell],
-                          "reused_from": row["key"]}
-                append_result(results, reused)
-                print(f"{key}: taken from tuning trial {row['key']}")
-                done.add(key)
-                filled += 1
-                break
+        row = None if key in done else by_digest.get(config_digest([*fixed, *cell]))
+        if row is not None:
+            append_result(results, {**row, "key": key, "overrides": [*fixed, *cell],
+                                    "reused_from": row["key"]})
+            print(f"{key}: taken from tuning trial {row['key']}")
+            done.add(key)
+            filled += 1
     return filled
+
+
+def set_aside_stale(cells: list[list[str]], fixed: list[str], results: Path) -> int:
+    """Move the cells whose run is not the job their overrides mean today (a recipe changed
+    since, so the digest differs, or the row predates digests) from ``results`` to
+    ``<results>-stale.jsonl``: they are kept, but neither shown nor counted as finished, so
+    the next sweep runs them again. Returns how many rows were moved."""
+    rows = read_results(results)
+    current = {trial_key([*fixed, *cell]): config_digest([*fixed, *cell]) for cell in cells}
+    stale = [r for r in rows if r["key"] in current
+             and r.get("config_digest") != current[r["key"]]]
+    if not stale:
+        return 0
+    aside = results.with_name(f"{results.stem}-stale.jsonl")
+    for row in stale:
+        append_result(aside, row)  # first the copy, then the removal: nothing is lost
+        print(f"{row['key']}: stale (its recipe changed since it ran), moved to {aside.name}")
+    keep = [r for r in rows if r not in stale]
+    atomic_write(results, "".join(json.dumps(r, sort_keys=True) + "\n"
+                                  for r in keep).encode("utf-8"))
+    return len(stale)
 
 
 def main() -> None:
@@ -219,14 +238,16 @@ def main() -> None:
     parser.add_argument("--tuning", type=Path, nargs="*", default=[],
                         help="tuning results files (JSONL) to render as the tuning section")
     parser.add_argument("--reuse", type=Path, nargs="*",
-                        default=[ROOT / "bench/results/dp-tuning.jsonl"],
+                        default=[ROOT / "bench/results/dp-tuning.jsonl",
+                                 ROOT / "bench/results/levers.jsonl"],
                         help="tuning results whose runs equal a cell's config fill that cell")
     args, extra = parser.parse_known_args()
     fixed = FIXED + [e for e in extra if e != "--"]
+    trials = [[f"strategy={m}", f"privacy={p}", f"federation.seed={s}"]
+              for s in args.seeds for p in args.privacy for m in args.methods]
+    set_aside_stale(trials, fixed, args.results)
+    reuse_equivalent(trials, fixed, args.results, [p for p in args.reuse if p.is_file()])
     if not args.collect_only:
-        trials = [[f"strategy={m}", f"privacy={p}", f"federation.seed={s}"]
-                  for s in args.seeds for p in args.privacy for m in args.methods]
-        reuse_equivalent(trials, fixed, args.results, [p for p in args.reuse if p.is_file()])
         run_trials(trials, args.results, args.runs_dir, fixed)
     rows = {r["key"]: r for r in read_results(args.results)}
     command = "python bench/quality.py " + " ".join(sys.argv[1:])

@@ -1,12 +1,20 @@
 """Write conf/recipe/<method>_<preset>.yaml from the equal-budget tuning trials.
 
-The grid is the same for every method (GRID below: learning rate with a cosine schedule,
-10 rounds, batch 16, 10 local steps, seq 32, seed 0), then one refinement trial per method
-by the same rule for all (refinement_lr: the geometric midpoint between the method's best
-grid rate and its better neighbour). For each (method, budget) the trial with the best
-final accuracy wins; a budget with no finished trial of its own reuses the
-method's epsilon-8 choice (a rule, said in the file). Every recipe says how many of its
-trials finished and what each reached.
+Every trial: 10 rounds, cosine schedule, seq 32, seed 0, 10 clients, Dirichlet 0.5. Each
+budget has a protocol (the knobs every trial at it shares) and a learning-rate grid, the
+same rule for every method:
+
+- epsilon 8: batch 16, 10 local steps; lr in GRID, then one refinement trial at the
+  geometric midpoint between the best grid rate and its better neighbour (5 trials).
+- epsilon 3 and 1 (SMALL_BUDGET): Poisson rate q = 0.36 (about 64 of a client's ~178
+  examples), 5 local steps; lr = the method's epsilon-8 choice x ANCHOR_FACTORS (3 trials).
+  At a fixed budget the noise on a client's mean clipped gradient, sigma / (q N_k), grows
+  with the number of noisy steps, so small budgets want fewer, larger steps (docs/RESULTS.md,
+  "What moves accuracy under DP").
+
+For each (method, budget) the trial with the best final accuracy wins. A small budget with
+no finished trial of its own takes the epsilon-8 rate with its protocol (a rule, said in
+the file). Every recipe says how many of its trials finished and what each reached.
 
 Usage: python bench/recipes.py [--results bench/results/dp-tuning.jsonl] [--dry-run]
 """
@@ -23,11 +31,29 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("fedavg", "ffa", "flora", "fedsvd", "fedsb")
 PRESETS = ("dp_eps8", "dp_eps3", "dp_eps1")
 GRID = ("0.01", "0.03", "0.1", "0.3")
+ANCHOR_FACTORS = (1.0, 2.0, 0.5)
 FIXED = ["model.max_length=32", "federation.rounds=10", "strategy.lr_schedule.kind=cosine"]
+SMALL_BUDGET = ["strategy.sample_rate=0.36", "strategy.local_steps=5"]
+PROTOCOL_TEXT = {
+    "dp_eps8": "batch 16, 10 local steps; lr in {" + ", ".join(GRID) + "}, then one "
+               "refinement trial at sqrt(best grid lr x its better neighbour's)",
+    "small": "Poisson rate q 0.36, 5 local steps; lr = the method's epsilon-8 choice x "
+             "{" + ", ".join(f"{f:g}" for f in ANCHOR_FACTORS) + "}",
+}
+
+
+def _sig2(value: float) -> str:
+    return f"{float(f'{value:.2g}'):g}"
+
+
+def protocol(preset: str) -> list[str]:
+    """The knobs every trial at this budget shares (besides FIXED and the rate)."""
+    return [] if preset == "dp_eps8" else list(SMALL_BUDGET)
 
 
 def _key(method: str, preset: str, lr: str) -> str:
-    return trial_key([f"strategy={method}", f"privacy={preset}", *FIXED, f"strategy.lr={lr}"])
+    return trial_key([f"strategy={method}", f"privacy={preset}", *FIXED, *protocol(preset),
+                      f"strategy.lr={lr}"])
 
 
 def refinement_lr(found: list[tuple[str, dict]]) -> str | None:
@@ -39,17 +65,36 @@ def refinement_lr(found: list[tuple[str, dict]]) -> str | None:
     i = max(range(len(GRID)), key=acc.__getitem__)
     neighbours = [j for j in (i - 1, i + 1) if 0 <= j < len(GRID)]
     j = max(neighbours, key=acc.__getitem__)
-    return f"{float(f'{math.sqrt(float(GRID[i]) * float(GRID[j])):.2g}'):g}"
+    return _sig2(math.sqrt(float(GRID[i]) * float(GRID[j])))
 
 
-def trials(rows: dict[str, dict], method: str, preset: str) -> list[tuple[str, dict]]:
-    """The grid's finished trials, then the refinement trial if it has finished."""
-    out = [(lr, rows[_key(method, preset, lr)]) for lr in GRID
-           if _key(method, preset, lr) in rows]
-    extra = refinement_lr(out)
-    if extra is not None and _key(method, preset, extra) in rows:
-        out.append((extra, rows[_key(method, preset, extra)]))
-    return out
+def anchored_grid(anchor_lr: str) -> list[str]:
+    """A small budget's rates: the epsilon-8 choice times each factor, 2 significant digits."""
+    return [_sig2(float(anchor_lr) * f) for f in ANCHOR_FACTORS]
+
+
+def best(found: list[tuple[str, dict]]) -> tuple[str, dict]:
+    return max(found, key=lambda t: t[1]["final_accuracy"])
+
+
+def trials(rows: dict[str, dict], method: str, preset: str,
+           anchor_lr: str | None = None) -> list[tuple[str, dict]]:
+    """The finished trials of (method, budget) by its protocol, as (lr, row)."""
+    if preset == "dp_eps8":
+        out = [(lr, rows[_key(method, preset, lr)]) for lr in GRID
+               if _key(method, preset, lr) in rows]
+        extra = refinement_lr(out)
+        if extra is not None and _key(method, preset, extra) in rows:
+            out.append((extra, rows[_key(method, preset, extra)]))
+        return out
+    if anchor_lr is None:
+        return []
+    return [(lr, rows[_key(method, preset, lr)]) for lr in anchored_grid(anchor_lr)
+            if _key(method, preset, lr) in rows]
+
+
+def planned_trials(preset: str) -> int:
+    return len(GRID) + 1 if preset == "dp_eps8" else len(ANCHOR_FACTORS)
 
 
 def main() -> None:
@@ -61,36 +106,42 @@ def main() -> None:
     rows = {r["key"]: r for r in read_results(args.results)}
     for method in METHODS:
         base = trials(rows, method, "dp_eps8")
+        anchor = best(base)[0] if base else None
         for preset in PRESETS:
-            own = trials(rows, method, preset)
-            found = own or base
-            if not found:
+            own = trials(rows, method, preset, anchor)
+            if not own and anchor is None:
                 print(f"{method} {preset}: no finished trial, recipe left as it is")
                 continue
-            lr, best = max(found, key=lambda t: t[1]["final_accuracy"])
-            done = ", ".join(f"lr {x}: {r['final_accuracy']:.3f}" for x, r in found)
-            planned = len(GRID) + 1  # the grid and its refinement trial
-            status = "TUNED" if len(found) == planned else \
-                f"PARTIALLY TUNED ({len(found)} of {planned} trials)"
-            source = preset if own else "dp_eps8"
+            planned = planned_trials(preset)
+            protocol_text = PROTOCOL_TEXT["dp_eps8" if preset == "dp_eps8" else "small"]
+            if own:
+                lr, chosen = best(own)
+                status = "TUNED" if len(own) == planned else \
+                    f"PARTIALLY TUNED ({len(own)} of {planned} trials)"
+                done = ", ".join(f"lr {x}: {r['final_accuracy']:.3f}" for x, r in own)
+                result = f"Trials at {preset}: {done}."
+                print(f"{method} {preset}: lr {lr} ({chosen['final_accuracy']:.3f}; "
+                      f"{len(own)} of {planned} trials)")
+            else:
+                lr, status = anchor, f"NOT TUNED (0 of {planned} trials)"
+                result = (f"No trial at {preset} yet: the epsilon-8 rate {anchor} with this "
+                          "budget's protocol (a rule, not a search).")
+                print(f"{method} {preset}: lr {lr} (untuned: the epsilon-8 rate)")
             provenance = [
-                f"Recipe {method}_{preset}: {status}. Grid, the same for every method: lr in "
-                f"{{{', '.join(GRID)}}},",
-                "then one refinement trial at sqrt(best grid lr x its better neighbour's); "
-                "cosine schedule, 10 rounds,",
-                "batch 16, 10 local steps (seq 32, seed 0, 10 clients, Dirichlet 0.5; "
-                "bench/results/dp-tuning.jsonl).",
-                f"Trials at {source}: {done}.",
+                f"Recipe {method}_{preset}: {status}. Protocol and grid, the same for every "
+                "method (bench/recipes.py):",
+                f"{protocol_text};",
+                "cosine schedule, 10 rounds, seq 32, seed 0, 10 clients, Dirichlet 0.5 "
+                "(bench/results/dp-tuning.jsonl).",
+                result,
             ]
-            if not own:
-                provenance.append(f"No trial at {preset} yet: the epsilon-8 choice is reused "
-                                  "(a rule, not a search).")
+            if preset != "dp_eps8":
+                provenance.append("Batches are q x N_k (strategy.sample_rate); add "
+                                  "strategy.sample_rate=null to use strategy.batch_size.")
             point = [f"strategy.lr={lr}", "strategy.lr_schedule.kind=cosine",
-                     "federation.rounds=10"]
-            text = recipe_yaml(f"{method}_{preset}", point, provenance)
-            print(f"{method} {preset}: lr {lr} ({best['final_accuracy']:.3f} at {source}; "
-                  f"{len(found)} trials)")
+                     "federation.rounds=10", *protocol(preset)]
             if not args.dry_run:
+                text = recipe_yaml(f"{method}_{preset}", point, provenance)
                 (args.out / f"{method}_{preset}.yaml").write_text(text)
 
 

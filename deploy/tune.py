@@ -37,13 +37,28 @@ from fedlora.task.files import atomic_write
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # The recipe knobs (what a recipe file may set); a search space must stay inside them.
-RECIPE_KEYS = ("strategy.lr", "strategy.batch_size", "strategy.local_steps",
+RECIPE_KEYS = ("strategy.lr", "strategy.batch_size", "strategy.sample_rate", "strategy.local_steps",
                "strategy.lr_schedule.", "strategy.server_optimizer.", "federation.rounds",
                "privacy.max_grad_norm")
 
 
 def trial_key(overrides: Sequence[str]) -> str:
     return " ".join(sorted(overrides))
+
+
+def config_digest(overrides: Sequence[str]) -> str:
+    """A fingerprint of the job ``overrides`` compose to today (its recipe's name aside).
+
+    Stored with each result when the run starts: the same overrides can mean another job
+    once a recipe file changes, and the digest is how a stored result tells whether it
+    still answers for them (bench/quality.py sets stale cells aside, and reuses a tuning
+    trial only for a cell with the same digest)."""
+    from fedlora.task.config import compose_job
+
+    cfg = compose_job(list(overrides))
+    cfg.pop("recipe_name", None)
+    text = json.dumps(cfg, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def read_results(results: Path) -> list[dict[str, Any]]:
@@ -110,6 +125,7 @@ def run_trial(overrides: Sequence[str], runs_dir: Path, results: Path,
     if run_dir.exists():  # a trial killed earlier: its rows must not mix into this run's
         shutil.rmtree(run_dir)
     log = run_dir.with_suffix(".log")
+    digest = config_digest([*fixed, *overrides])
     cmd = [sys.executable, "-m", "fedlora.deploy.cli", "simulate", *fixed, *overrides,
            f"hydra.run.dir={run_dir}"]
     started = time.perf_counter()
@@ -120,7 +136,7 @@ def run_trial(overrides: Sequence[str], runs_dir: Path, results: Path,
         print(f"  FAILED (exit {code}) after {elapsed:.0f} s; log: {log}", flush=True)
         return None
     row = {"key": key, "overrides": [*fixed, *overrides], "run_dir": str(run_dir),
-           "elapsed_seconds": round(elapsed, 1), **summarize_run(run_dir)}
+           "config_digest": digest, "elapsed_seconds": round(elapsed, 1), **summarize_run(run_dir)}
     append_result(results, row)
     print(f"  {elapsed:5.0f} s  final {row['final_accuracy']:.3f}  best "
           f"{row['best_accuracy']:.3f}  epsilon {row['epsilon_max']}", flush=True)

@@ -3,15 +3,24 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import yaml
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from fedlora.deploy.tune import best_point, grid, recipe_yaml, sample_points, trial_key
+from fedlora.deploy.tune import (
+    best_point,
+    config_digest,
+    grid,
+    recipe_yaml,
+    sample_points,
+    trial_key,
+)
 from fedlora.task.config import validate
 
 from .conftest import read_metrics, run_fedlora
@@ -83,6 +92,7 @@ def test_tune_runs_real_trials_resumes_and_writes_a_recipe(tmp_path: Path) -> No
     first = run_fedlora(args)
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["epsilon_max"] <= 8.0
+    assert rows[0]["config_digest"] == config_digest(rows[0]["overrides"])
     run_dir = Path(rows[0]["run_dir"])
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert cfg["recipe_name"] == "ffa_dp_eps8" and cfg["strategy"]["lr"] == 0.05
@@ -95,3 +105,61 @@ def test_tune_runs_real_trials_resumes_and_writes_a_recipe(tmp_path: Path) -> No
     with pytest.raises(AssertionError, match="not a recipe knob"):
         run_fedlora(["tune", "--strategy", "ffa", "--privacy", "dp_eps8", "--space",
                      "model.max_length=16"])
+
+
+def bench_module(name: str) -> ModuleType:
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_small_budget_grid_is_anchored_on_the_eps8_rate() -> None:
+    recipes = bench_module("recipes")
+    assert recipes.anchored_grid("0.017") == ["0.017", "0.034", "0.0085"]
+    assert recipes.anchored_grid("0.055") == ["0.055", "0.11", "0.028"]
+    rows = {recipes._key("ffa", "dp_eps3", lr): {"final_accuracy": acc}
+            for lr, acc in (("0.1", 0.8), ("0.2", 0.85))}
+    rows[recipes._key("ffa", "dp_eps8", "0.2")] = {"final_accuracy": 0.9}  # another budget
+    found = recipes.trials(rows, "ffa", "dp_eps3", anchor_lr="0.1")
+    assert [lr for lr, _ in found] == ["0.1", "0.2"] and recipes.best(found)[0] == "0.2"
+    # A small-budget recipe carries its protocol, and it reaches the job.
+    cfg = composed("strategy=ffa", "privacy=dp_eps3")
+    assert cfg["strategy"]["sample_rate"] == 0.36 and cfg["strategy"]["local_steps"] == 5
+    assert composed("strategy=ffa", "privacy=dp_eps8")["strategy"]["sample_rate"] is None
+
+
+def test_table_sets_aside_cells_from_an_older_recipe_and_reuses_only_same_jobs(
+        tmp_path: Path) -> None:
+    quality = bench_module("quality")
+    fixed = ["model.max_length=32"]
+    cells = [["strategy=ffa", "privacy=dp_eps3", f"federation.seed={s}"] for s in (0, 1, 2)]
+    key = [trial_key([*fixed, *c]) for c in cells]
+    results = tmp_path / "quality.jsonl"
+    rows = [{"key": key[0], "overrides": [*fixed, *cells[0]], "final_accuracy": 0.8,
+             "config_digest": config_digest([*fixed, *cells[0]])},
+            {"key": key[1], "overrides": [*fixed, *cells[1]], "final_accuracy": 0.7,
+             "config_digest": "an older recipe"},
+            {"key": "not a cell", "overrides": [], "final_accuracy": 0.1}]
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert quality.set_aside_stale(cells, fixed, results) == 1
+    kept = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["key"] for r in kept] == [key[0], "not a cell"]
+    aside = [json.loads(line) for line in (tmp_path / "quality-stale.jsonl").read_text()
+             .splitlines()]
+    assert aside == [rows[1]]  # kept, not lost
+    assert quality.set_aside_stale(cells, fixed, results) == 0
+    # Reuse: a tuning trial with the cell's digest fills it; one without a digest (what it
+    # ran is unknown) never does, even when its overrides compose to the cell's job today.
+    lr = composed("strategy=ffa", "privacy=dp_eps3")["strategy"]["lr"]  # the recipe's
+    trial = [*fixed, *cells[1], f"strategy.lr={lr}"]  # so this trial ran cell 1's job
+    tuning = tmp_path / "tuning.jsonl"
+    tuning.write_text(json.dumps({"key": "old", "overrides": [*fixed, *cells[2]],
+                                  "final_accuracy": 0.2}) + "\n" +
+                      json.dumps({"key": "t", "overrides": trial, "final_accuracy": 0.75,
+                                  "config_digest": config_digest(trial)}) + "\n")
+    assert quality.reuse_equivalent(cells, fixed, results, [tuning]) == 1
+    filled = [json.loads(line) for line in results.read_text().splitlines()][-1]
+    assert filled["key"] == key[1] and filled["reused_from"] == "t"
+    assert key[2] not in {json.loads(line)["key"] for line in results.read_text().splitlines()}
