@@ -74,7 +74,7 @@ def _simulate(rest: list[str]) -> int:
     from hydra.types import RunMode
     from omegaconf import DictConfig, OmegaConf
 
-    from fedlora.task.config import ConfigError
+    from fedlora.task.config import ConfigError, check_overrides
 
     from .simulate import RunFailed, prepare_run, run_simulation, stop_everything
 
@@ -85,7 +85,9 @@ def _simulate(rest: list[str]) -> int:
     def task(cfg: DictConfig) -> None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
-            job = prepare_run(OmegaConf.to_container(cfg, resolve=True), run_dir)
+            job = OmegaConf.to_container(cfg, resolve=True)
+            check_overrides(job, list(HydraConfig.get().overrides.task))
+            job = prepare_run(job, run_dir)
         except ConfigError as exc:
             print(f"fedlora: {exc}", file=sys.stderr)
             status["code"] = 2

@@ -247,6 +247,18 @@ def validate_data(cfg: Mapping[str, Any], partition_sizes: list[int]) -> None:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
+def check_overrides(cfg: Mapping[str, Any], overrides: list[str] | tuple[str, ...]) -> None:
+    """Refuse an override the composed job would silently ignore: ``strategy.batch_size``
+    while a sampling rate is set (a small-budget recipe sets one; batches are then q x N_k)."""
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    rate = cfg["strategy"].get("sample_rate")
+    if "strategy.batch_size" in given and rate is not None:
+        raise ConfigError(
+            f"strategy.batch_size has no effect while strategy.sample_rate={rate} is set "
+            f"(recipe: {cfg.get('recipe_name') or 'none'}; batches are sample_rate x N_k); "
+            "add strategy.sample_rate=null to use a fixed batch, or drop strategy.batch_size")
+
+
 def compose_job(overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """conf/config.yaml composed with its defaults (recipes included) and ``overrides``,
     resolved to a plain dict: the one way fedlora builds a job config outside Hydra's CLI."""
@@ -255,4 +267,6 @@ def compose_job(overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
 
     with initialize_config_module(config_module="fedlora.conf", version_base=None):
         cfg = compose(config_name="config", overrides=list(overrides))
-    return OmegaConf.to_container(cfg, resolve=True)
+    job = OmegaConf.to_container(cfg, resolve=True)
+    check_overrides(job, overrides)
+    return job

@@ -21,7 +21,7 @@ from fedlora.deploy.tune import (
     sample_points,
     trial_key,
 )
-from fedlora.task.config import validate
+from fedlora.task.config import ConfigError, compose_job, validate
 
 from .conftest import read_metrics, run_fedlora
 
@@ -163,3 +163,16 @@ def test_table_sets_aside_cells_from_an_older_recipe_and_reuses_only_same_jobs(
     filled = [json.loads(line) for line in results.read_text().splitlines()][-1]
     assert filled["key"] == key[1] and filled["reused_from"] == "t"
     assert key[2] not in {json.loads(line)["key"] for line in results.read_text().splitlines()}
+
+
+def test_a_batch_size_the_recipes_rate_would_ignore_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="strategy.sample_rate=null"):
+        compose_job(["privacy=dp_eps3", "strategy.batch_size=32"])
+    fixed = compose_job(["privacy=dp_eps3", "strategy.batch_size=32", "strategy.sample_rate=null"])
+    assert fixed["strategy"]["batch_size"] == 32 and fixed["strategy"]["sample_rate"] is None
+    assert compose_job(["privacy=dp_eps8", "strategy.batch_size=32"])["strategy"]["batch_size"] == 32
+    run = tmp_path / "refused"
+    proc = run_fedlora(["simulate", "model=tiny_bert", "data=synthetic", "privacy=dp_eps1",
+                        "strategy.batch_size=8", f"hydra.run.dir={run}"], check=False)
+    assert proc.returncode == 2 and "has no effect while strategy.sample_rate=0.36" in proc.stderr
+    assert not (run / "metrics.jsonl").exists()
