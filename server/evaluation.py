@@ -61,4 +61,5 @@ class CentralEvaluator:
         """Write the global model's adapter as a PEFT directory (exact: B = U, A = V)."""
         base = build_model(self.cfg["model"], self.data.num_labels)
         deltas = {n: tuple(t.float().cpu() for t in method.delta(state, n)) for n in self.targets}
-        return export_peft(base, self.targets, deltas, state.head, self.head_modules, out_dir)
+        return export_peft(base, self.targets, deltas, state.head, self.head_modules, out_dir,
+                           pooling=str(self.cfg["model"].get("pooling") or "pooler"))

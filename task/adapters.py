@@ -201,6 +201,7 @@ def export_peft(
     head: Mapping[str, torch.Tensor],
     head_modules: list[str],
     out_dir: str | Path,
+    pooling: str = "pooler",
 ) -> dict[str, int]:
     """Write the global delta as a PEFT LoRA adapter directory; returns the rank per module.
 
@@ -235,7 +236,10 @@ def export_peft(
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
-    (tmp / "fedlora.json").write_text(json.dumps({"ranks": ranks}, indent=1))
+    # The base the adapter belongs on: with mean pooling it is build_model's
+    # MeanPooledClassifier, not AutoModelForSequenceClassification (README, Outputs).
+    (tmp / "fedlora.json").write_text(json.dumps({"ranks": ranks, "pooling": pooling},
+                                                 indent=1))
     if out.exists():
         import shutil
 

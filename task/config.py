@@ -13,6 +13,7 @@ from typing import Any
 from fedlora.privacy import ACCOUNTANTS, GRAD_SAMPLE_MODES
 from fedlora.protos import WIRE_DTYPES
 
+from .models import POOLINGS
 from .secagg_ring import MAX_BITS, check_sum_fits
 from .training import LRSchedule, ServerOptimizerConfig
 
@@ -92,6 +93,9 @@ def validate(cfg: Mapping[str, Any]) -> None:
          f"model.source must be one of {MODEL_SOURCES}, got {model.get('source')!r}")
     need(model.get("task") in ("classification", "causal_lm"),
          f"model.task must be 'classification' or 'causal_lm', got {model.get('task')!r}")
+    if model.get("task") == "classification":
+        need(model.get("pooling", "pooler") in POOLINGS,
+             f"model.pooling must be one of {POOLINGS}, got {model.get('pooling')!r}")
     number("model", "max_length", 2, integer=True)
     need(bool(model.get("target_modules")), "model.target_modules must name at least one module")
     if model.get("source") == "path":

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 TASKS = ("classification", "causal_lm")
+POOLINGS = ("pooler", "mean")
 _log = logging.getLogger(__name__)
 
 
@@ -91,12 +92,54 @@ def build_model(model_cfg: Mapping[str, Any], num_labels: int) -> nn.Module:
             )
         else:
             model = AutoModelForCausalLM.from_pretrained(directory)
+    if task == "classification" and model_cfg.get("pooling", "pooler") == "mean":
+        model = MeanPooledClassifier.from_classifier(model, num_labels)
     # Dropout off: the federated math is about the adapters, and DP noise regularizes.
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
     model.requires_grad_(False)
     return model.eval()
+
+
+class MeanPooledClassifier(nn.Module):
+    """A linear classifier on the attention-masked mean of the encoder's last hidden states.
+
+    This is the embedding sentence-transformers models are trained to produce (their
+    1_Pooling config), so a head on it starts from linearly separable features; BERT's
+    pooler (a tanh layer on [CLS]) was never trained for them. That matters most under DP:
+    a head that is nearly right before training needs few noisy steps (docs/RESULTS.md).
+    Parameter names stay those of XForSequenceClassification (``bert.*``, ``classifier.*``),
+    so target modules, head modules and the wire are unchanged.
+    """
+
+    def __init__(self, encoder: nn.Module, num_labels: int) -> None:
+        super().__init__()
+        self.prefix = getattr(encoder, "base_model_prefix", "") or "encoder"
+        self.add_module(self.prefix, encoder)
+        self.config = encoder.config  # PEFT reads it when it wraps and saves the model
+        self.classifier = nn.Linear(int(encoder.config.hidden_size), num_labels)
+
+    @classmethod
+    def from_classifier(cls, model: nn.Module, num_labels: int) -> MeanPooledClassifier:
+        """Keep ``model``'s encoder, drop its own pooler and head; the new head is drawn
+        from the seeded generator, like the head it replaces."""
+        encoder = getattr(model, model.base_model_prefix)
+        if hasattr(encoder, "pooler"):
+            encoder.pooler = None  # unused: do not spend a layer on it per forward
+        return cls(encoder, num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **_: Any) -> Any:
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        encoder = getattr(self, self.prefix)
+        states = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(states.dtype)
+        pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return SequenceClassifierOutput(logits=self.classifier(pooled))
 
 
 def load_tokenizer(model_cfg: Mapping[str, Any]):
