@@ -72,6 +72,21 @@ def read_results(results: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def current_rows(results: Path) -> dict[str, dict[str, Any]]:
+    """The rows of ``results`` that ran the job their overrides compose to today (same
+    config digest), by key, the last of a key winning. A row from before a default or a
+    recipe changed answers for another job: it is left out (and its trial runs again)."""
+    digests: dict[str, str] = {}
+    out = {}
+    for row in read_results(results):
+        key = row["key"]
+        if key not in digests:
+            digests[key] = config_digest(row["overrides"])
+        if row.get("config_digest") == digests[key]:
+            out[key] = row
+    return out
+
+
 def grid(axes: Sequence[str]) -> list[list[str]]:
     """'key=v1,v2' axes -> every combination, as override lists."""
     options = []
@@ -147,7 +162,7 @@ def run_trials(trials: Sequence[Sequence[str]], results: Path, runs_dir: Path,
                fixed: Sequence[str] = ()) -> None:
     """Run every trial not yet in ``results`` (resumable, incremental)."""
     results.parent.mkdir(parents=True, exist_ok=True)
-    done = {row["key"] for row in read_results(results)}
+    done = current_rows(results)
     todo = [t for t in trials if trial_key([*fixed, *t]) not in done]
     print(f"{len(trials)} trials, {len(trials) - len(todo)} already in {results}", flush=True)
     for i, overrides in enumerate(todo, 1):
@@ -225,9 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     fixed = [f"strategy={args.strategy}", f"privacy={args.privacy}", *args.extra]
     trials = [[*p, f"federation.seed={s}"] for p in points for s in args.seeds]
     run_trials(trials, args.results, args.runs_dir, fixed)
-    point, score, count = best_point(read_results(args.results), points, fixed, args.seeds)
+    done = current_rows(args.results)
+    point, score, count = best_point(list(done.values()), points, fixed, args.seeds)
     print(f"best: {' '.join(point)}  (mean final accuracy {score:.3f} over {count} seed(s))")
-    done = {row["key"] for row in read_results(args.results)}
     runs = sum(trial_key([*fixed, *t]) in done for t in trials)
     if args.privacy != "none":
         print(f"privacy: this search made {runs} private run(s) on the same data; choosing the "

@@ -23,8 +23,8 @@ STRATEGY = {"lr": 0.01, "batch_size": 8, "local_steps": 3}
 METHODS = ["fedavg", "ffa", "flora", "fedsvd", "fedsb"]
 
 
-def _setup(name: str):
-    model = build_model(TINY, 4)
+def _setup(name: str, pooling: str = "pooler"):
+    model = build_model({**TINY, "pooling": pooling}, 4)
     targets = target_module_names(model, ["query", "value"])
     method = get_method(name)
     kind = method.adapter_layer
@@ -63,9 +63,10 @@ def test_plain_round_trains_exactly_the_method_roles(name):
     _assert_trained(host, before, head_before, start, roles)
 
 
+@pytest.mark.parametrize("pooling", ["pooler", "mean"])
 @pytest.mark.parametrize("name", METHODS)
-def test_dp_round_trains_exactly_the_method_roles_twice(name, tmp_path):
-    host, method, start, roles, state = _setup(name)
+def test_dp_round_trains_exactly_the_method_roles_twice(name, pooling, tmp_path):
+    host, method, start, roles, state = _setup(name, pooling)
     ledger = PrivacyLedger.open(tmp_path, federation="t", node="0", mechanism="prv",
                                 target_epsilon=50.0, delta=1e-3)
     settings = DPSettings(noise_multiplier=0.8, max_grad_norm=1.0, sample_rate=8 / 64, steps=3)
@@ -79,3 +80,23 @@ def test_dp_round_trains_exactly_the_method_roles_twice(name, tmp_path):
         _assert_trained(host, before, head_before, start, roles)
         assert not any(k.startswith("_module.") for k in host.model.state_dict())
     assert [r["round"] for r in ledger.rounds] == [1, 2]
+
+
+def test_mean_pooling_averages_the_real_tokens_only():
+    pooled, plain = build_model({**TINY, "pooling": "mean"}, 4), build_model(TINY, 4)
+    # The same adapted modules and head names as the model's own head: the wire is unchanged.
+    assert target_module_names(pooled, ["query", "value"]) == \
+        target_module_names(plain, ["query", "value"])
+    assert head_parameter_names(pooled, ["classifier"]) == ["classifier.weight", "classifier.bias"]
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 128, (3, 10), generator=gen)
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[0, 4:] = 0
+    mask[1, 7:] = 0
+    logits = pooled(input_ids=ids, attention_mask=mask).logits
+    states = pooled.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    by_hand = torch.stack([states[i, : int(mask[i].sum())].mean(0) for i in range(3)])
+    torch.testing.assert_close(logits, pooled.classifier(by_hand))
+    other = ids.clone()
+    other[mask == 0] = 5  # what sits under the padding does not change the prediction
+    torch.testing.assert_close(pooled(input_ids=other, attention_mask=mask).logits, logits)

@@ -33,6 +33,7 @@ def test_default_config_is_valid():
         (("privacy", "delta"), 1.5, "privacy.delta must be < 1"),
         (("privacy", "accountant"), "gdp", "privacy.accountant must be one of"),
         (("model", "source"), "hub", "model.source must be one of"),
+        (("model", "pooling"), "cls", "model.pooling must be one of"),
         (("federation", "clients_per_round"), 11, "clients_per_round (11) exceeds"),
         (("federation", "rounds"), 0, "federation.rounds must be >= 1"),
         (("federation", "dirichlet_alpha"), 0.0, "dirichlet_alpha must be > 0"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from .conftest import read_metrics, run_fedlora
 
@@ -29,3 +30,18 @@ def test_minilm_on_bbc_news_learns(tmp_path):
     assert summary["method"] == "ffa" and summary["rounds"] == 2
     config = (run / "adapter" / "adapter_config.json").read_text()
     assert "query" in config and "value" in config
+    # MiniLM's head reads the mean-pooled sentence embedding, and the adapter says so.
+    assert json.loads((run / "adapter" / "fedlora.json").read_text())["pooling"] == "mean"
+    # The exported adapter on build_model's base reproduces the global model's accuracy.
+    from peft import PeftModel
+
+    from fedlora.task.data import data_for
+    from fedlora.task.evaluate import evaluate
+    from fedlora.task.models import build_model
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    data = data_for(cfg)
+    model = PeftModel.from_pretrained(build_model(cfg["model"], data.num_labels),
+                                      run / "adapter")
+    reloaded = evaluate(model, data.test, "classification")["accuracy"]
+    assert abs(reloaded - rows[-1]["accuracy"]) <= 1 / len(data.test), reloaded

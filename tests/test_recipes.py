@@ -115,19 +115,25 @@ def bench_module(name: str) -> ModuleType:
     return module
 
 
-def test_small_budget_grid_is_anchored_on_the_eps8_rate() -> None:
+def test_the_tuning_rule_is_the_same_for_every_method() -> None:
     recipes = bench_module("recipes")
     assert recipes.anchored_grid("0.017") == ["0.017", "0.034", "0.0085"]
     assert recipes.anchored_grid("0.055") == ["0.055", "0.11", "0.028"]
+    grid = [(lr, {"final_accuracy": acc}) for lr, acc in zip(recipes.GRID, (0.5, 0.9, 0.8), strict=True)]
+    assert recipes.refinement_lr(grid) == "0.17"  # sqrt(0.1 x 0.3): between best and next
+    edge = [(lr, {"final_accuracy": acc}) for lr, acc in zip(recipes.GRID, (0.5, 0.7, 0.8), strict=True)]
+    assert recipes.refinement_lr(edge) == "0.95"  # best at the edge: sqrt(10) further out
+    assert recipes.refinement_lr(grid[:2]) is None
     rows = {recipes._key("ffa", "dp_eps3", lr): {"final_accuracy": acc}
             for lr, acc in (("0.1", 0.8), ("0.2", 0.85))}
     rows[recipes._key("ffa", "dp_eps8", "0.2")] = {"final_accuracy": 0.9}  # another budget
     found = recipes.trials(rows, "ffa", "dp_eps3", anchor_lr="0.1")
     assert [lr for lr, _ in found] == ["0.1", "0.2"] and recipes.best(found)[0] == "0.2"
-    # A small-budget recipe carries its protocol, and it reaches the job.
-    cfg = composed("strategy=ffa", "privacy=dp_eps3")
-    assert cfg["strategy"]["sample_rate"] == 0.36 and cfg["strategy"]["local_steps"] == 5
-    assert composed("strategy=ffa", "privacy=dp_eps8")["strategy"]["sample_rate"] is None
+    # Every recipe carries the protocol, and it reaches the job.
+    for budget in BUDGETS:
+        cfg = composed("strategy=fedsb", f"privacy={budget}")
+        assert cfg["strategy"]["sample_rate"] == 0.36 and cfg["strategy"]["local_steps"] == 5
+    assert composed("privacy=dp")["strategy"]["sample_rate"] is None
 
 
 def test_table_sets_aside_cells_from_an_older_recipe_and_reuses_only_same_jobs(
@@ -170,7 +176,7 @@ def test_a_batch_size_the_recipes_rate_would_ignore_is_refused(tmp_path: Path) -
         compose_job(["privacy=dp_eps3", "strategy.batch_size=32"])
     fixed = compose_job(["privacy=dp_eps3", "strategy.batch_size=32", "strategy.sample_rate=null"])
     assert fixed["strategy"]["batch_size"] == 32 and fixed["strategy"]["sample_rate"] is None
-    assert compose_job(["privacy=dp_eps8", "strategy.batch_size=32"])["strategy"]["batch_size"] == 32
+    assert compose_job(["privacy=dp", "strategy.batch_size=32"])["strategy"]["batch_size"] == 32
     run = tmp_path / "refused"
     proc = run_fedlora(["simulate", "model=tiny_bert", "data=synthetic", "privacy=dp_eps1",
                         "strategy.batch_size=8", f"hydra.run.dir={run}"], check=False)
