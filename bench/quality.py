@@ -26,6 +26,7 @@ from pathlib import Path
 from fedlora.deploy.tune import (
     append_result,
     config_digest,
+    current_rows,
     read_results,
     run_trials,
     trial_key,
@@ -249,11 +250,12 @@ def main() -> None:
     reuse_equivalent(trials, fixed, args.results, [p for p in args.reuse if p.is_file()])
     if not args.collect_only:
         run_trials(trials, args.results, args.runs_dir, fixed)
-    rows = {r["key"]: r for r in read_results(args.results)}
+    rows = current_rows(args.results)
     command = "python bench/quality.py " + " ".join(sys.argv[1:])
     write_report(rows, args.methods, args.privacy, args.seeds, fixed, args.out, command.strip())
     if args.tuning:
-        write_tuning([r for p in args.tuning for r in read_results(p)], args.out, args.tuning)
+        write_tuning([r for p in args.tuning for r in current_rows(p).values()], args.out,
+                     args.tuning)
 
 
 if __name__ == "__main__":
