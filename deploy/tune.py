@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from hydra.errors import HydraException
 
+from fedlora.task.config import ConfigError
 from fedlora.task.files import atomic_write
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -135,12 +137,16 @@ def run_trial(overrides: Sequence[str], runs_dir: Path, results: Path,
               fixed: Sequence[str] = ()) -> dict[str, Any] | None:
     """One real `fedlora simulate`; its row is appended to ``results`` (None on failure)."""
     key = trial_key([*fixed, *overrides])
+    try:
+        digest = config_digest([*fixed, *overrides])
+    except (ConfigError, HydraException) as exc:  # this trial is invalid; the others may not be
+        print(f"  FAILED before running: invalid config: {exc}", flush=True)
+        return None
     run_dir = (runs_dir / hashlib.sha256(key.encode()).hexdigest()[:12]).resolve()
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     if run_dir.exists():  # a trial killed earlier: its rows must not mix into this run's
         shutil.rmtree(run_dir)
     log = run_dir.with_suffix(".log")
-    digest = config_digest([*fixed, *overrides])
     cmd = [sys.executable, "-m", "fedlora.deploy.cli", "simulate", *fixed, *overrides,
            f"hydra.run.dir={run_dir}"]
     started = time.perf_counter()

@@ -182,3 +182,14 @@ def test_a_batch_size_the_recipes_rate_would_ignore_is_refused(tmp_path: Path) -
                         "strategy.batch_size=8", f"hydra.run.dir={run}"], check=False)
     assert proc.returncode == 2 and "has no effect while strategy.sample_rate=0.36" in proc.stderr
     assert not (run / "metrics.jsonl").exists()
+
+
+def test_an_invalid_trial_fails_alone_before_running(tmp_path: Path, capsys) -> None:
+    from fedlora.deploy.tune import run_trials
+
+    results = tmp_path / "results.jsonl"
+    run_trials([["privacy=dp_eps3", "strategy.batch_size=8"], ["strategy.no_such_knob=1"]],
+               results, tmp_path / "runs")
+    out = capsys.readouterr().out
+    assert out.count("FAILED before running: invalid config") == 2
+    assert not results.exists() and not (tmp_path / "runs").exists()
