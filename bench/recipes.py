@@ -4,12 +4,10 @@ One protocol for every trial (PROTOCOL: Poisson rate q = 0.36, about 64 of a cli
 examples, 5 local steps, 10 rounds, cosine schedule, seq 32, seed 0, 10 clients,
 Dirichlet 0.5): at a fixed budget the noise on a client's mean clipped gradient,
 sigma / (q N_k), grows with the number of noisy steps, so DP wants few, large steps
-(docs/RESULTS.md). The learning-rate grid is the same rule for every method:
-
-- epsilon 8: lr in GRID, then one refinement trial: the geometric midpoint of the best
-  rate and its better neighbour, or, when the best is at the grid's edge, one step of
-  sqrt(10) further out (4 trials);
-- epsilon 3 and 1: the method's epsilon-8 choice x ANCHOR_FACTORS (3 trials each).
+(docs/RESULTS.md). The learning-rate search is the same for every method and budget: lr in
+GRID, then one refinement trial, the geometric midpoint of the best rate and its better
+neighbour, or, when the best is at the grid's edge, one step of sqrt(10) further out
+(4 trials per method and budget, 12 per method).
 
 For each (method, budget) the trial with the best final accuracy wins. Only trials that
 ran the job their overrides mean today count (their stored config digest; a trial from
@@ -17,6 +15,7 @@ before a default changed, such as the pooler-head era in bench/results/cls-poole
 not). A (method, budget) with no trial yet keeps its file's rate and says NOT TUNED.
 
 Usage: python bench/recipes.py [--results bench/results/dp-tuning.jsonl] [--dry-run]
+       python bench/recipes.py --plan > queue.txt   # what the rule still needs
 """
 
 from __future__ import annotations
@@ -33,16 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("fedavg", "ffa", "flora", "fedsvd", "fedsb")
 PRESETS = ("dp_eps8", "dp_eps3", "dp_eps1")
 GRID = ("0.03", "0.1", "0.3")
-ANCHOR_FACTORS = (1.0, 2.0, 0.5)
 PROTOCOL = ["federation.rounds=10", "strategy.lr_schedule.kind=cosine",
             "strategy.sample_rate=0.36", "strategy.local_steps=5"]
 FIXED = ["model.max_length=32", *PROTOCOL]
-GRID_TEXT = {
-    "dp_eps8": "lr in {" + ", ".join(GRID) + "}, then one refinement trial (the midpoint of "
-               "the best and its better neighbour, or sqrt(10) beyond an edge)",
-    "small": "lr = the method's epsilon-8 choice x {"
-             + ", ".join(f"{f:g}" for f in ANCHOR_FACTORS) + "}",
-}
+GRID_TEXT = ("lr in {" + ", ".join(GRID) + "}, then one refinement trial (the midpoint of "
+             "the best and its better neighbour, or sqrt(10) beyond an edge)")
 
 
 def _sig2(value: float) -> str:
@@ -65,33 +59,38 @@ def refinement_lr(found: list[tuple[str, dict]]) -> str | None:
     return _sig2(math.sqrt(float(GRID[i]) * float(GRID[j])))
 
 
-def anchored_grid(anchor_lr: str) -> list[str]:
-    """A small budget's rates: the epsilon-8 choice times each factor, 2 significant digits."""
-    return [_sig2(float(anchor_lr) * f) for f in ANCHOR_FACTORS]
-
-
 def best(found: list[tuple[str, dict]]) -> tuple[str, dict]:
     return max(found, key=lambda t: t[1]["final_accuracy"])
 
 
-def trials(rows: dict[str, dict], method: str, preset: str,
-           anchor_lr: str | None = None) -> list[tuple[str, dict]]:
-    """The finished trials of (method, budget), as (lr, row)."""
-    if preset == "dp_eps8":
-        out = [(lr, rows[_key(method, preset, lr)]) for lr in GRID
-               if _key(method, preset, lr) in rows]
-        extra = refinement_lr(out)
-        if extra is not None and _key(method, preset, extra) in rows:
-            out.append((extra, rows[_key(method, preset, extra)]))
-        return out
-    if anchor_lr is None:
-        return []
-    return [(lr, rows[_key(method, preset, lr)]) for lr in anchored_grid(anchor_lr)
-            if _key(method, preset, lr) in rows]
+def trials(rows: dict[str, dict], method: str, preset: str) -> list[tuple[str, dict]]:
+    """The finished trials of (method, budget), as (lr, row): the grid, then its refinement."""
+    out = [(lr, rows[_key(method, preset, lr)]) for lr in GRID
+           if _key(method, preset, lr) in rows]
+    extra = refinement_lr(out)
+    if extra is not None and _key(method, preset, extra) in rows:
+        out.append((extra, rows[_key(method, preset, extra)]))
+    return out
 
 
-def planned_trials(preset: str) -> int:
-    return len(GRID) + 1 if preset == "dp_eps8" else len(ANCHOR_FACTORS)
+PLANNED_TRIALS = len(GRID) + 1
+
+
+def plan(rows: dict[str, dict]) -> list[list[str]]:
+    """The trials the rule still needs, as override lists: every (method, budget)'s missing
+    grid rates, then its refinement once its grid has finished."""
+    out = []
+    for preset in PRESETS:
+        for method in METHODS:
+            found = trials(rows, method, preset)
+            done = {lr for lr, _ in found}
+            wanted = [lr for lr in GRID if lr not in done]
+            extra = refinement_lr(found[:len(GRID)])
+            if extra is not None and extra not in done:
+                wanted.append(extra)
+            out += [[f"strategy={method}", f"privacy={preset}", *FIXED, f"strategy.lr={lr}"]
+                    for lr in wanted]
+    return out
 
 
 def _file_lr(path: Path) -> str | None:
@@ -105,15 +104,19 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=ROOT / "bench/results/dp-tuning.jsonl")
     parser.add_argument("--out", type=Path, default=ROOT / "conf/recipe")
     parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the trials the rule still needs (one per line, for "
+                             "bench/sweep.py --trials) and write nothing")
     args = parser.parse_args()
     rows = current_rows(args.results)
+    if args.plan:
+        print("\n".join(" ".join(trial) for trial in plan(rows)))
+        return
     for method in METHODS:
-        base = trials(rows, method, "dp_eps8")
-        anchor = best(base)[0] if base else None
         for preset in PRESETS:
             path = args.out / f"{method}_{preset}.yaml"
-            own = trials(rows, method, preset, anchor)
-            planned = planned_trials(preset)
+            own = trials(rows, method, preset)
+            planned = PLANNED_TRIALS
             if own:
                 lr, chosen = best(own)
                 status = "TUNED" if len(own) == planned else \
@@ -123,7 +126,7 @@ def main() -> None:
                 print(f"{method} {preset}: lr {lr} ({chosen['final_accuracy']:.3f}; "
                       f"{len(own)} of {planned} trials)")
             else:
-                lr = _file_lr(path) or anchor
+                lr = _file_lr(path)
                 if lr is None:
                     print(f"{method} {preset}: no trial and no recipe file; skipped")
                     continue
@@ -135,7 +138,7 @@ def main() -> None:
                 f"Recipe {method}_{preset}: {status}. Protocol and grid, the same for every "
                 "method (bench/recipes.py):",
                 "Poisson rate q 0.36, 5 local steps, cosine schedule, 10 rounds;",
-                f"{GRID_TEXT['dp_eps8' if preset == 'dp_eps8' else 'small']};",
+                f"{GRID_TEXT};",
                 "seq 32, seed 0, 10 clients, Dirichlet 0.5 (bench/results/dp-tuning.jsonl).",
                 result,
                 "Batches are q x N_k (strategy.sample_rate); add strategy.sample_rate=null to "

@@ -117,18 +117,23 @@ def bench_module(name: str) -> ModuleType:
 
 def test_the_tuning_rule_is_the_same_for_every_method() -> None:
     recipes = bench_module("recipes")
-    assert recipes.anchored_grid("0.017") == ["0.017", "0.034", "0.0085"]
-    assert recipes.anchored_grid("0.055") == ["0.055", "0.11", "0.028"]
     grid = [(lr, {"final_accuracy": acc}) for lr, acc in zip(recipes.GRID, (0.5, 0.9, 0.8), strict=True)]
     assert recipes.refinement_lr(grid) == "0.17"  # sqrt(0.1 x 0.3): between best and next
     edge = [(lr, {"final_accuracy": acc}) for lr, acc in zip(recipes.GRID, (0.5, 0.7, 0.8), strict=True)]
     assert recipes.refinement_lr(edge) == "0.95"  # best at the edge: sqrt(10) further out
     assert recipes.refinement_lr(grid[:2]) is None
     rows = {recipes._key("ffa", "dp_eps3", lr): {"final_accuracy": acc}
-            for lr, acc in (("0.1", 0.8), ("0.2", 0.85))}
-    rows[recipes._key("ffa", "dp_eps8", "0.2")] = {"final_accuracy": 0.9}  # another budget
-    found = recipes.trials(rows, "ffa", "dp_eps3", anchor_lr="0.1")
-    assert [lr for lr, _ in found] == ["0.1", "0.2"] and recipes.best(found)[0] == "0.2"
+            for lr, acc in (("0.1", 0.8), ("0.3", 0.85), ("0.03", 0.7), ("0.95", 0.9))}
+    rows[recipes._key("ffa", "dp_eps8", "0.2")] = {"final_accuracy": 0.95}  # another budget
+    rows[recipes._key("ffa", "dp_eps3", "0.2")] = {"final_accuracy": 0.99}  # off the rule
+    found = recipes.trials(rows, "ffa", "dp_eps3")
+    assert [lr for lr, _ in found] == ["0.03", "0.1", "0.3", "0.95"]
+    assert recipes.best(found)[0] == "0.95"
+    todo = {" ".join(t) for t in recipes.plan(rows)}
+    assert len(todo) == 3 * 3 * 5 - 3  # every grid point but ffa's at epsilon 3 (done)
+    del rows[recipes._key("ffa", "dp_eps3", "0.95")]
+    lrs = [t[-1] for t in recipes.plan(rows) if "strategy=ffa" in t and "privacy=dp_eps3" in t]
+    assert lrs == ["strategy.lr=0.95"]  # the grid done: its refinement is what is left
     # Every recipe carries the protocol, and it reaches the job.
     for budget in BUDGETS:
         cfg = composed("strategy=fedsb", f"privacy={budget}")
