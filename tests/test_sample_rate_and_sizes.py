@@ -43,7 +43,10 @@ def test_sample_rate_config_errors() -> None:
         cfg = compose_job([f"strategy.sample_rate={bad}"])
         with pytest.raises(ConfigError, match=message):
             validate(cfg)
-    cfg = compose_job(["strategy.sample_rate=0.5", "strategy.batch_size=64"])
+    with pytest.raises(ConfigError, match="has no effect while strategy.sample_rate=0.5"):
+        compose_job(["strategy.sample_rate=0.5", "strategy.batch_size=64"])  # one would be moot
+    cfg = compose_job(["strategy.sample_rate=0.5"])
+    cfg["strategy"]["batch_size"] = 64
     validate_data(cfg, [40, 300])  # batch_size does not apply with one rate: no complaint
     with pytest.raises(ConfigError, match="exceeds the smallest client"):
         validate_data(compose_job(["strategy.batch_size=64"]), [40, 300])
