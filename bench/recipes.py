@@ -32,9 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("fedavg", "ffa", "flora", "fedsvd", "fedsb")
 PRESETS = ("dp_eps8", "dp_eps3", "dp_eps1")
 GRID = ("0.03", "0.1", "0.3")
-PROTOCOL = ["federation.rounds=10", "strategy.lr_schedule.kind=cosine",
+# The sequence length is part of the protocol, and so of every recipe: `fedlora simulate
+# privacy=dp_eps8` then runs the job that was tuned (MiniLM's own default is 64).
+PROTOCOL = ["model.max_length=32", "federation.rounds=10", "strategy.lr_schedule.kind=cosine",
             "strategy.sample_rate=0.36", "strategy.local_steps=5"]
-FIXED = ["model.max_length=32", *PROTOCOL]
+FIXED = PROTOCOL
 GRID_TEXT = ("lr in {" + ", ".join(GRID) + "}, then one refinement trial (the midpoint of "
              "the best and its better neighbour, or sqrt(10) beyond an edge)")
 

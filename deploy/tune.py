@@ -41,7 +41,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 # The recipe knobs (what a recipe file may set); a search space must stay inside them.
 RECIPE_KEYS = ("strategy.lr", "strategy.batch_size", "strategy.sample_rate", "strategy.local_steps",
                "strategy.lr_schedule.", "strategy.server_optimizer.", "federation.rounds",
-               "privacy.max_grad_norm")
+               "privacy.max_grad_norm", "model.max_length")
 
 
 def trial_key(overrides: Sequence[str]) -> str:

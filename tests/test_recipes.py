@@ -42,7 +42,7 @@ def test_every_method_and_budget_resolves_to_its_recipe(method: str, budget: str
     assert cfg["recipe_name"] == f"{method}_{budget}"
     assert cfg["privacy"]["enabled"] and cfg["privacy"]["epsilon"] == float(budget[6:])
     recipe = yaml.safe_load((RECIPES / f"{method}_{budget}.yaml").read_text())
-    for section in ("strategy", "federation", "privacy"):
+    for section in ("strategy", "federation", "privacy", "model"):
         for key, value in (recipe.get(section) or {}).items():
             got = cfg[section][key]
             if isinstance(value, dict):
@@ -104,7 +104,7 @@ def test_tune_runs_real_trials_resumes_and_writes_a_recipe(tmp_path: Path) -> No
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 1
     with pytest.raises(AssertionError, match="not a recipe knob"):
         run_fedlora(["tune", "--strategy", "ffa", "--privacy", "dp_eps8", "--space",
-                     "model.max_length=16"])
+                     "federation.num_clients=20"])
 
 
 def bench_module(name: str) -> ModuleType:
