@@ -33,7 +33,7 @@ def tree_rss(proc: psutil.Process) -> int:
 def run(clients: int, rounds: int, workdir: Path) -> dict:
     run_dir = workdir / f"clients-{clients}"
     cmd = [sys.executable, "-m", "fedlora.deploy.cli", "simulate", "model=tiny_bert",
-           "data=synthetic", "data.num_train=6400", "strategy=ffa",
+           "data=synthetic", "data.num_train=6400", "strategy=ffa", "privacy=none",
            "federation.dirichlet_alpha=100", "federation.min_client_examples=16",
            f"federation.rounds={rounds}", f"federation.num_clients={clients}",
            f"federation.clients_per_round={clients}", f"hydra.run.dir={run_dir}"]

@@ -122,6 +122,7 @@ class FedLoraStrategy:
             f"rank {self.spec.rank}, {self.fed['num_clients']} clients, "
             f"{self.fed['clients_per_round']} per round, {self.fed['rounds']} rounds"
         )
+        self.progress.line(f"privacy: {privacy_line(self.cfg)}")
 
     # -- the run ----------------------------------------------------------------------------
     def run(self, grid: Grid, *, resume: bool = False,
@@ -391,4 +392,18 @@ class FedLoraStrategy:
         self.contacted = set()
         self.progress.line(f"resuming from {path.name} (round {state.round} complete)")
         return state.round
+
+
+def privacy_line(cfg: dict[str, Any]) -> str:
+    """What protects the data in this job, in one line (printed when the run starts)."""
+    privacy, parts = cfg["privacy"], []
+    if privacy.get("enabled"):
+        recipe = cfg.get("recipe_name") or "none (the method's own training settings)"
+        parts.append(f"sample-level DP-SGD on every client, epsilon {privacy['epsilon']:g}, "
+                     f"delta {privacy['delta']:g} ({privacy['accountant']}); recipe {recipe}")
+    client_level = privacy.get("client_level") or {}
+    if client_level.get("enabled"):
+        parts.append(f"client-level DP, epsilon {client_level['epsilon']:g}, "
+                     f"delta {client_level['delta']:g}")
+    return "; ".join(parts) or "none (no DP)"
 

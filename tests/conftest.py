@@ -93,22 +93,29 @@ def kill_all(token: str, grace_s: float = 10.0) -> None:
 # milliseconds, while every actor pays ~9 CPU-s of imports and model loading, and two
 # tests share the 2 cores (pytest-xdist).
 ONE_ACTOR = "simulation.num_cpus=1"
+# The default job is private (privacy=dp_eps8 with its recipe); a test that does not choose
+# a privacy preset tests mechanics, not DP, and runs without it. The tests of DP choose one.
+NOT_PRIVATE = "privacy=none"
 
 
-def with_one_actor(args: list[str]) -> list[str]:
+def for_test_run(args: list[str]) -> list[str]:
     """``args`` of a `fedlora simulate` (or `tune`, whose overrides follow --) plus
-    :data:`ONE_ACTOR`; other commands unchanged."""
+    :data:`ONE_ACTOR`, and `simulate` or `deploy local` plus :data:`NOT_PRIVATE` unless
+    they choose a privacy preset; other commands unchanged."""
     command = args[0] if args else ""
+    out = list(args)
+    if command in ("simulate", "deploy") and not any(a.startswith("privacy=") for a in args):
+        out.append(NOT_PRIVATE)
     if command == "simulate" or (command == "tune" and "--" in args):
-        return [*args, ONE_ACTOR]
-    return list(args)
+        out.append(ONE_ACTOR)
+    return out
 
 
 def run_fedlora(args: list[str], *, timeout: float = 900, check: bool = True
                 ) -> subprocess.CompletedProcess:
-    """Run `fedlora ARGS` (a simulation with :data:`ONE_ACTOR`); on failure show its
+    """Run `fedlora ARGS` (as :func:`for_test_run` completes them); on failure show its
     output; then check nothing is left."""
-    args = with_one_actor(args)
+    args = for_test_run(args)
     token = new_token()
     try:
         proc = subprocess.run(fedlora_cmd() + args, cwd=ROOT, env=marked_env(token),

@@ -21,6 +21,7 @@ from fedlora.deploy.tune import (
     sample_points,
     trial_key,
 )
+from fedlora.server.strategy import privacy_line
 from fedlora.task.config import ConfigError, compose_job, validate
 
 from .conftest import read_metrics, run_fedlora
@@ -56,9 +57,22 @@ def test_every_method_and_budget_resolves_to_its_recipe(method: str, budget: str
     assert override["strategy"]["lr"] == 0.0123 and override["federation"]["rounds"] == 3
 
 
-def test_no_recipe_without_a_preset() -> None:
-    plain = composed()
+def test_the_default_job_is_private_with_its_recipe_and_none_turns_it_off() -> None:
+    default = composed()
+    assert default["recipe_name"] == "ffa_dp_eps8" and default["privacy"]["enabled"]
+    assert default["privacy"]["epsilon"] == 8.0 and default["privacy"]["delta"] == 1e-5
+    assert default == composed("strategy=ffa", "privacy=dp_eps8")
+    assert composed("strategy=fedsb")["recipe_name"] == "fedsb_dp_eps8"
+    validate(default)
+    plain = composed("privacy=none")
     assert plain["recipe_name"] is None and not plain["privacy"]["enabled"]
+    assert plain["model"]["max_length"] == 64 and plain["strategy"]["sample_rate"] is None
+    # What the run prints when it starts says which of the two it is, and which recipe.
+    assert privacy_line(default) == ("sample-level DP-SGD on every client, epsilon 8, delta "
+                                     "1e-05 (prv); recipe ffa_dp_eps8")
+    assert privacy_line(composed("strategy=rolora")).endswith(
+        "recipe none (the method's own training settings)")
+    assert privacy_line(plain) == "none (no DP)"
     custom = composed("privacy=dp", "privacy.epsilon=5")
     assert custom["recipe_name"] is None and custom["privacy"]["epsilon"] == 5
 

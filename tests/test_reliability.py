@@ -25,12 +25,12 @@ from .conftest import (
     ROOT,
     assert_nothing_left,
     fedlora_cmd,
+    for_test_run,
     kill_all,
     marked_env,
     new_token,
     read_metrics,
     run_fedlora,
-    with_one_actor,
 )
 
 pytestmark = pytest.mark.integration
@@ -41,7 +41,7 @@ BASE = ["model=tiny_bert", "data=synthetic", "strategy=ffa", "strategy.lr=0.02",
 def _kill_after_checkpoint(run_dir: Path, args: list[str], round_: int) -> None:
     """Start `fedlora simulate`, SIGKILL its process group once round_'s checkpoint exists."""
     token = new_token()
-    proc = subprocess.Popen(fedlora_cmd() + with_one_actor(["simulate", *args,
+    proc = subprocess.Popen(fedlora_cmd() + for_test_run(["simulate", *args,
                                                             f"hydra.run.dir={run_dir}"]),
                             cwd=ROOT, env=marked_env(token), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
