@@ -35,9 +35,12 @@ def _to_device(batch, device: torch.device):
 
 
 def make_optimizer(params: list[nn.Parameter], strategy: Mapping[str, Any]) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        params, lr=float(strategy["lr"]), weight_decay=float(strategy.get("weight_decay", 0.0))
-    )
+    """The client optimizer of ``strategy.optimizer`` (adamw or sgd), new every round."""
+    lr, decay = float(strategy["lr"]), float(strategy.get("weight_decay", 0.0))
+    if strategy.get("optimizer", "adamw") == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=float(strategy.get("momentum", 0.0)),
+                               weight_decay=decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=decay)
 
 
 def train_plain(

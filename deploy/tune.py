@@ -39,9 +39,11 @@ from fedlora.task.files import atomic_write
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # The recipe knobs (what a recipe file may set); a search space must stay inside them.
-RECIPE_KEYS = ("strategy.lr", "strategy.batch_size", "strategy.sample_rate", "strategy.local_steps",
-               "strategy.lr_schedule.", "strategy.server_optimizer.", "federation.rounds",
+RECIPE_KEYS = ("strategy.lr", "strategy.optimizer", "strategy.momentum", "strategy.batch_size",
+               "strategy.sample_rate", "strategy.local_steps", "strategy.lr_schedule.", "strategy.server_optimizer.", "federation.rounds",
                "privacy.max_grad_norm", "model.max_length")
+
+DIGEST_NEUTRAL = {("strategy", "optimizer"): "adamw", ("strategy", "momentum"): 0.0}
 
 
 def trial_key(overrides: Sequence[str]) -> str:
@@ -59,6 +61,11 @@ def config_digest(overrides: Sequence[str]) -> str:
 
     cfg = compose_job(list(overrides))
     cfg.pop("recipe_name", None)
+    # Knobs added after results were stored leave the digest alone at the value that runs
+    # the job those results ran (so adding a knob does not make every result stale).
+    for (section, key), neutral in DIGEST_NEUTRAL.items():
+        if cfg.get(section, {}).get(key, neutral) == neutral:
+            cfg.get(section, {}).pop(key, None)
     text = json.dumps(cfg, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -25,6 +25,9 @@ class ConfigError(ValueError):
     """An invalid configuration value; the message lists every problem found."""
 
 
+CLIENT_OPTIMIZERS = ("adamw", "sgd")
+
+
 def validate(cfg: Mapping[str, Any]) -> None:
     """Check a resolved config (plain dict). Raises ConfigError listing every problem."""
     from fedlora.aggregation import available_methods, get_method
@@ -64,6 +67,10 @@ def validate(cfg: Mapping[str, Any]) -> None:
     if strategy.get("sample_rate") is not None:
         rate = number("strategy", "sample_rate", 0, above=True)
         need(rate is None or rate <= 1, f"strategy.sample_rate must be <= 1, got {rate}")
+    need(strategy.get("optimizer", "adamw") in CLIENT_OPTIMIZERS,
+         f"strategy.optimizer must be one of {CLIENT_OPTIMIZERS}, got {strategy.get('optimizer')!r}")
+    momentum = number("strategy", "momentum", 0) if "momentum" in strategy else 0.0
+    need(momentum is None or momentum < 1, f"strategy.momentum must be < 1, got {momentum}")
     need(strategy.get("weighting") in ("examples", "uniform"),
          f"strategy.weighting must be 'examples' or 'uniform', got {strategy.get('weighting')!r}")
     try:

@@ -118,3 +118,28 @@ def test_no_server_optimizer_is_plain_averaging(tmp_path) -> None:
     restored.load_state_tensors(load_optimizer_state(latest_checkpoint(tmp_path)))
     assert restored.moments.keys() == momentum.moments.keys()
     assert all(torch.equal(restored.moments[k], momentum.moments[k]) for k in momentum.moments)
+
+
+def test_client_optimizer_is_adamw_or_sgd_and_the_new_knob_keeps_stored_results() -> None:
+    from fedlora.client.train import make_optimizer
+    from fedlora.deploy.tune import config_digest
+    from fedlora.task.config import ConfigError, compose_job, validate
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    adam = make_optimizer([weight], {"lr": 0.1})
+    assert isinstance(adam, torch.optim.AdamW) and adam.defaults["lr"] == 0.1
+    sgd = make_optimizer([weight], {"lr": 0.5, "optimizer": "sgd", "momentum": 0.9})
+    assert isinstance(sgd, torch.optim.SGD)
+    assert (sgd.defaults["lr"], sgd.defaults["momentum"]) == (0.5, 0.9)
+    weight.grad = torch.tensor([1.0, -2.0, 0.5])
+    sgd.step()  # plain SGD step (first momentum step: the buffer is the gradient)
+    assert weight.detach().tolist() == pytest.approx([0.5, 2.0, 0.75])
+    with pytest.raises(ConfigError, match="strategy.optimizer must be one of"):
+        validate(compose_job(["strategy.optimizer=lion"]))
+    with pytest.raises(ConfigError, match="strategy.momentum must be < 1"):
+        validate(compose_job(["strategy.optimizer=sgd", "strategy.momentum=1"]))
+    # Results stored before the knob existed ran AdamW: at adamw the digest is unchanged
+    # (they stay current); sgd is another job.
+    base = ["privacy=dp_eps8"]
+    assert config_digest([*base, "strategy.optimizer=adamw"]) == config_digest(base)
+    assert config_digest([*base, "strategy.optimizer=sgd"]) != config_digest(base)
