@@ -40,8 +40,10 @@ from fedlora.task.files import atomic_write
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # The recipe knobs (what a recipe file may set); a search space must stay inside them.
 RECIPE_KEYS = ("strategy.lr", "strategy.optimizer", "strategy.momentum", "strategy.batch_size",
-               "strategy.sample_rate", "strategy.local_steps", "strategy.lr_schedule.", "strategy.server_optimizer.", "federation.rounds",
-               "privacy.max_grad_norm", "model.max_length")
+               "strategy.sample_rate", "strategy.local_steps", "strategy.lr_schedule.",
+               "strategy.server_optimizer.", "federation.rounds", "privacy.max_grad_norm",
+               "model.max_length")
+# Knobs added after results were stored, at the value that runs the job those results ran.
 
 DIGEST_NEUTRAL = {("strategy", "optimizer"): "adamw", ("strategy", "momentum"): 0.0}
 

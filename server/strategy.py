@@ -406,4 +406,3 @@ def privacy_line(cfg: dict[str, Any]) -> str:
         parts.append(f"client-level DP, epsilon {client_level['epsilon']:g}, "
                      f"delta {client_level['delta']:g}")
     return "; ".join(parts) or "none (no DP)"
-

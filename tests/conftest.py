@@ -104,7 +104,8 @@ def for_test_run(args: list[str]) -> list[str]:
     they choose a privacy preset; other commands unchanged."""
     command = args[0] if args else ""
     out = list(args)
-    if command in ("simulate", "deploy") and not any(a.startswith("privacy=") for a in args):
+    runs_a_job = command == "simulate" or args[:2] == ["deploy", "local"]
+    if runs_a_job and not any(a.startswith("privacy=") for a in args):
         out.append(NOT_PRIVATE)
     if command == "simulate" or (command == "tune" and "--" in args):
         out.append(ONE_ACTOR)
