@@ -36,7 +36,6 @@ GRID = ("0.03", "0.1", "0.3")
 # privacy=dp_eps8` then runs the job that was tuned (MiniLM's own default is 64).
 PROTOCOL = ["model.max_length=32", "federation.rounds=10", "strategy.lr_schedule.kind=cosine",
             "strategy.sample_rate=0.36", "strategy.local_steps=5"]
-FIXED = PROTOCOL
 GRID_TEXT = ("lr in {" + ", ".join(GRID) + "}, then one refinement trial (the midpoint of "
              "the best and its better neighbour, or sqrt(10) beyond an edge)")
 
@@ -46,7 +45,7 @@ def _sig2(value: float) -> str:
 
 
 def _key(method: str, preset: str, lr: str) -> str:
-    return trial_key([f"strategy={method}", f"privacy={preset}", *FIXED, f"strategy.lr={lr}"])
+    return trial_key([f"strategy={method}", f"privacy={preset}", *PROTOCOL, f"strategy.lr={lr}"])
 
 
 def refinement_lr(found: list[tuple[str, dict]]) -> str | None:
@@ -90,7 +89,7 @@ def plan(rows: dict[str, dict]) -> list[list[str]]:
             extra = refinement_lr(found[:len(GRID)])
             if extra is not None and extra not in done:
                 wanted.append(extra)
-            out += [[f"strategy={method}", f"privacy={preset}", *FIXED, f"strategy.lr={lr}"]
+            out += [[f"strategy={method}", f"privacy={preset}", *PROTOCOL, f"strategy.lr={lr}"]
                     for lr in wanted]
     return out
 

@@ -43,8 +43,9 @@ RECIPE_KEYS = ("strategy.lr", "strategy.optimizer", "strategy.momentum", "strate
                "strategy.sample_rate", "strategy.local_steps", "strategy.lr_schedule.",
                "strategy.server_optimizer.", "federation.rounds", "privacy.max_grad_norm",
                "model.max_length")
-# Knobs added after results were stored, at the value that runs the job those results ran.
 
+# Knobs added after results were stored, at the value that runs the job those results ran:
+# left out of the digest there, so adding a knob does not make every stored result stale.
 DIGEST_NEUTRAL = {("strategy", "optimizer"): "adamw", ("strategy", "momentum"): 0.0}
 
 
@@ -63,8 +64,6 @@ def config_digest(overrides: Sequence[str]) -> str:
 
     cfg = compose_job(list(overrides))
     cfg.pop("recipe_name", None)
-    # Knobs added after results were stored leave the digest alone at the value that runs
-    # the job those results ran (so adding a knob does not make every result stale).
     for (section, key), neutral in DIGEST_NEUTRAL.items():
         if cfg.get(section, {}).get(key, neutral) == neutral:
             cfg.get(section, {}).pop(key, None)
