@@ -10,15 +10,13 @@ from .codec import (
     WIRE_DTYPES,
     Envelope,
     Expectation,
-    RejectReason,
-    UpdateRejected,
     decode,
     encode,
     head_bytes,
     payload_bytes,
     to_message,
-    validate,
 )
+from .validation import RejectReason, UpdateRejected, validate
 
 __all__ = [
     "DIRECTIONS",

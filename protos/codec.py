@@ -1,4 +1,4 @@
-"""Encode, decode and validate adapter envelopes (fedlora.v1.AdapterEnvelope).
+"""Encode and decode adapter envelopes (fedlora.v1.AdapterEnvelope).
 
 Everything that crosses the network for an adapter goes through :func:`encode` and
 :func:`decode`: protobuf only, no pickle. Tensors travel as raw little-endian C-order bytes
@@ -16,15 +16,15 @@ shapes, ranks, scaling, finite values, norm bound (Frobenius norm of each factor
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 import numpy as np
 import torch
 from google.protobuf.message import DecodeError
 
 from .fedlora.v1 import adapter_pb2 as pb
+from .validation import RejectReason, reject, validate
 
 Factors = dict[str, dict[str, torch.Tensor]]
 
@@ -49,39 +49,6 @@ _DTYPES: dict[str, tuple[int, torch.dtype, str]] = {
     "bfloat16": (pb.WIRE_DTYPE_BFLOAT16, torch.bfloat16, "<i2"),
 }
 _PB_DTYPE = {v[0]: k for k, v in _DTYPES.items()}
-
-
-class RejectReason(StrEnum):
-    WRONG_METHOD = "wrong_method"
-    STALE_ROUND = "stale_round"
-    FUTURE_ROUND = "future_round"
-    UNKNOWN_MODULE = "unknown_module"
-    MISSING_MODULE = "missing_module"
-    WRONG_ROLE = "wrong_role"
-    WRONG_SHAPE = "wrong_shape"
-    WRONG_RANK = "wrong_rank"
-    NON_FINITE = "non_finite"
-    UNSUPPORTED_DTYPE = "unsupported_dtype"
-    TRUNCATED = "truncated"
-    OVERSIZED = "oversized"
-    DUPLICATE_MODULE = "duplicate_module"
-    SCHEMA_VERSION = "schema_version"
-    NORM_BOUND = "norm_bound"
-    WRONG_FINGERPRINT = "wrong_fingerprint"
-    MALFORMED = "malformed"
-
-
-class UpdateRejected(ValueError):
-    """A payload failed validation; ``reason`` is machine-readable, ``detail`` for logs."""
-
-    def __init__(self, reason: RejectReason, detail: str) -> None:
-        # args = (reason, detail) keeps the exception picklable (e.g. across Ray workers).
-        super().__init__(reason, detail)
-        self.reason = RejectReason(reason)
-        self.detail = detail
-
-    def __str__(self) -> str:
-        return f"{self.reason.value}: {self.detail}"
 
 
 @dataclass
@@ -184,56 +151,52 @@ def encode(env: Envelope, wire_dtype: str = "float32") -> bytes:
 # ----------------------------------------------------------------------------- decode
 
 
-def _reject(reason: RejectReason, detail: str) -> UpdateRejected:
-    return UpdateRejected(reason, detail)
-
-
 def _parse(data: bytes, max_bytes: int | None) -> pb.AdapterEnvelope:
     if max_bytes is not None and len(data) > max_bytes:
-        raise _reject(RejectReason.OVERSIZED, f"{len(data)} bytes > limit {max_bytes}")
+        raise reject(RejectReason.OVERSIZED, f"{len(data)} bytes > limit {max_bytes}")
     msg = pb.AdapterEnvelope()
     try:
         msg.ParseFromString(bytes(data))
     except DecodeError as e:
-        raise _reject(RejectReason.TRUNCATED, f"protobuf parse failed: {e}") from None
+        raise reject(RejectReason.TRUNCATED, f"protobuf parse failed: {e}") from None
     # A newer schema may lay fields out differently: report its version before anything else.
     # (0 means absent, e.g. a message cut before its first byte: the trailer check decides.)
     if msg.schema_version not in (0, SCHEMA_VERSION):
-        raise _reject(
+        raise reject(
             RejectReason.SCHEMA_VERSION,
             f"schema version {msg.schema_version}, this decoder reads {SCHEMA_VERSION}",
         )
     if not msg.HasField("tensor_count"):
-        raise _reject(RejectReason.TRUNCATED, "no trailer (tensor_count): message cut short")
+        raise reject(RejectReason.TRUNCATED, "no trailer (tensor_count): message cut short")
     if msg.tensor_count > len(msg.tensors):
-        raise _reject(
+        raise reject(
             RejectReason.TRUNCATED, f"{len(msg.tensors)} tensors, trailer says {msg.tensor_count}"
         )
     if msg.tensor_count < len(msg.tensors):
-        raise _reject(
+        raise reject(
             RejectReason.MALFORMED, f"{len(msg.tensors)} tensors, trailer says {msg.tensor_count}"
         )
     if msg.schema_version != SCHEMA_VERSION:
-        raise _reject(
+        raise reject(
             RejectReason.SCHEMA_VERSION,
             f"schema version {msg.schema_version}, this decoder reads {SCHEMA_VERSION}",
         )
     if msg.direction not in _PB_DIR:
-        raise _reject(RejectReason.MALFORMED, f"direction {msg.direction} is not up or down")
+        raise reject(RejectReason.MALFORMED, f"direction {msg.direction} is not up or down")
     return msg
 
 
 def _tensor(t: pb.Tensor, dtypes: Sequence[str]) -> tuple[str, torch.Tensor]:
     where = f"tensor {t.module!r}"
     if not t.module:
-        raise _reject(RejectReason.MALFORMED, "tensor with an empty module name")
+        raise reject(RejectReason.MALFORMED, "tensor with an empty module name")
     if t.role not in _PB_ROLE:
-        raise _reject(RejectReason.WRONG_ROLE, f"{where}: unknown role {t.role}")
+        raise reject(RejectReason.WRONG_ROLE, f"{where}: unknown role {t.role}")
     role = _PB_ROLE[t.role]
     where = f"tensor {t.module!r} role {role}"
     name = _PB_DTYPE.get(t.dtype)
     if name is None or name not in dtypes:
-        raise _reject(
+        raise reject(
             RejectReason.UNSUPPORTED_DTYPE,
             f"{where}: wire dtype {name or t.dtype} not in {tuple(dtypes)}",
         )
@@ -241,11 +204,11 @@ def _tensor(t: pb.Tensor, dtypes: Sequence[str]) -> tuple[str, torch.Tensor]:
     shape = tuple(int(d) for d in t.shape)
     need = math.prod(shape) * np.dtype(npdtype).itemsize
     if len(t.data) < need:
-        raise _reject(
+        raise reject(
             RejectReason.TRUNCATED, f"{where}: {len(t.data)} data bytes, shape {shape} needs {need}"
         )
     if len(t.data) > need:
-        raise _reject(
+        raise reject(
             RejectReason.MALFORMED, f"{where}: {len(t.data)} data bytes, shape {shape} needs {need}"
         )
     arr = np.frombuffer(t.data, dtype=npdtype).astype(npdtype[1:], copy=True)  # native order
@@ -263,7 +226,7 @@ def _envelope(msg: pb.AdapterEnvelope, dtypes: Sequence[str]) -> Envelope:
         target = head if role == "HEAD" else factors.setdefault(t.module, {})
         key = t.module if role == "HEAD" else role
         if key in target:
-            raise _reject(RejectReason.DUPLICATE_MODULE, f"tensor {t.module!r} role {role} repeated")
+            raise reject(RejectReason.DUPLICATE_MODULE, f"tensor {t.module!r} role {role} repeated")
         target[key] = tensor
     privacy = None
     if msg.HasField("privacy"):
@@ -285,118 +248,24 @@ def decode(data: bytes, expect: Expectation | None = None) -> Envelope:
     if expect is None:
         return _envelope(msg, WIRE_DTYPES)
     if msg.method != expect.method:
-        raise _reject(RejectReason.WRONG_METHOD, f"method {msg.method!r}, expected {expect.method!r}")
+        raise reject(RejectReason.WRONG_METHOD, f"method {msg.method!r}, expected {expect.method!r}")
     if msg.round < expect.round:
-        raise _reject(RejectReason.STALE_ROUND, f"round {msg.round}, expected {expect.round}")
+        raise reject(RejectReason.STALE_ROUND, f"round {msg.round}, expected {expect.round}")
     if msg.round > expect.round:
-        raise _reject(RejectReason.FUTURE_ROUND, f"round {msg.round}, expected {expect.round}")
+        raise reject(RejectReason.FUTURE_ROUND, f"round {msg.round}, expected {expect.round}")
     if _PB_DIR[msg.direction] != expect.direction:
-        raise _reject(
+        raise reject(
             RejectReason.MALFORMED,
             f"direction {_PB_DIR[msg.direction]!r}, expected {expect.direction!r}",
         )
     if expect.fingerprint is not None and msg.fingerprint != expect.fingerprint:
-        raise _reject(
+        raise reject(
             RejectReason.WRONG_FINGERPRINT,
             f"base model {msg.fingerprint!r}, expected {expect.fingerprint!r}",
         )
     env = _envelope(msg, expect.dtypes)
     validate(env, expect)
     return env
-
-
-def validate(env: Envelope, expect: Expectation) -> None:
-    """The content checks of :func:`decode` (modules, roles, shapes, ranks, values)."""
-    _check_names(set(env.head), set(expect.head_shapes), "head parameter")
-    for name, t in env.head.items():
-        want = tuple(expect.head_shapes[name])
-        if tuple(t.shape) != want:
-            raise _reject(RejectReason.WRONG_SHAPE, f"head {name!r}: shape {tuple(t.shape)}, expected {want}")
-    _check_names(set(env.factors), set(expect.shapes), "module")
-    ranks: dict[str, int] = {}
-    for module, roles in env.factors.items():
-        if set(roles) != set(expect.roles):
-            raise _reject(
-                RejectReason.WRONG_ROLE,
-                f"module {module!r}: roles {sorted(roles)}, expected {sorted(expect.roles)}",
-            )
-        r = _module_rank(module, roles, tuple(expect.shapes[module]))
-        if r is not None:
-            ranks[module] = r
-    _check_ranks(env, expect, ranks)
-    if not math.isfinite(env.scaling):
-        raise _reject(RejectReason.NON_FINITE, f"scaling {env.scaling}")
-    if env.scaling < 0:
-        raise _reject(RejectReason.MALFORMED, f"negative scaling {env.scaling}")
-    tensors = [(f"{m} {k}", t) for m, roles in env.factors.items() for k, t in roles.items()]
-    for label, t in tensors + [(f"head {n}", t) for n, t in env.head.items()]:
-        if not bool(torch.isfinite(t).all()):
-            raise _reject(RejectReason.NON_FINITE, f"{label}: NaN or Inf values")
-    if expect.max_norm is not None:
-        for label, t in tensors:
-            norm = float(torch.linalg.vector_norm(t))
-            if norm > expect.max_norm:
-                raise _reject(
-                    RejectReason.NORM_BOUND,
-                    f"{label}: Frobenius norm {norm:.6g} > bound {expect.max_norm:.6g}",
-                )
-
-
-def _check_names(got: set[str], want: set[str], what: str) -> None:
-    unknown, missing = sorted(got - want), sorted(want - got)
-    if unknown:
-        raise _reject(RejectReason.UNKNOWN_MODULE, f"unexpected {what}(s) {unknown[:5]}")
-    if missing:
-        raise _reject(RejectReason.MISSING_MODULE, f"missing {what}(s) {missing[:5]}")
-
-
-def _module_rank(module: str, roles: Mapping[str, torch.Tensor], shape: tuple[int, int]) -> int | None:
-    """Check the rank-free dimensions of each role, return the module's rank (None: G only)."""
-    d_out, d_in = shape
-    found: dict[str, int] = {}
-    for role, t in roles.items():
-        s = tuple(t.shape)
-        where = f"module {module!r} role {role}: shape {s}"
-        if len(s) != 2:
-            raise _reject(RejectReason.WRONG_SHAPE, f"{where} is not 2-D")
-        if role == "G" and s != (d_out, d_in):
-            raise _reject(RejectReason.WRONG_SHAPE, f"{where}, expected {(d_out, d_in)}")
-        if role == "A":
-            if s[1] != d_in:
-                raise _reject(RejectReason.WRONG_SHAPE, f"{where}, expected (r, {d_in})")
-            found[role] = s[0]
-        if role == "B":
-            if s[0] != d_out:
-                raise _reject(RejectReason.WRONG_SHAPE, f"{where}, expected ({d_out}, r)")
-            found[role] = s[1]
-        if role == "R":
-            if s[0] != s[1]:
-                raise _reject(RejectReason.WRONG_SHAPE, f"{where}, expected (r, r)")
-            found[role] = s[0]
-    if len(set(found.values())) > 1:
-        raise _reject(RejectReason.WRONG_RANK, f"module {module!r}: factor ranks disagree {found}")
-    return next(iter(found.values()), None)
-
-
-def _check_ranks(env: Envelope, expect: Expectation, ranks: Mapping[str, int]) -> None:
-    if expect.rank is not None:
-        for module, r in ranks.items():
-            if r != expect.rank:
-                raise _reject(RejectReason.WRONG_RANK, f"module {module!r}: rank {r}, expected {expect.rank}")
-        if env.rank not in (0, expect.rank):
-            raise _reject(RejectReason.WRONG_RANK, f"declared rank {env.rank}, expected {expect.rank}")
-    elif expect.max_rank is not None:
-        distinct = set(ranks.values())
-        if len(distinct) > 1:
-            raise _reject(RejectReason.WRONG_RANK, f"rank differs across modules: {sorted(distinct)}")
-        for r in distinct:
-            if not expect.min_rank <= r <= expect.max_rank:
-                raise _reject(
-                    RejectReason.WRONG_RANK,
-                    f"rank {r} outside [{expect.min_rank}, {expect.max_rank}]",
-                )
-            if env.rank not in (0, r):
-                raise _reject(RejectReason.WRONG_RANK, f"declared rank {env.rank}, tensors have {r}")
 
 
 # ----------------------------------------------------------------------------- sizes
@@ -413,7 +282,7 @@ def _sizes(x: Envelope | bytes | bytearray | memoryview, wire_dtype: str) -> tup
     try:
         msg.ParseFromString(bytes(x))
     except DecodeError as e:
-        raise _reject(RejectReason.TRUNCATED, f"protobuf parse failed: {e}") from None
+        raise reject(RejectReason.TRUNCATED, f"protobuf parse failed: {e}") from None
     head = sum(len(t.data) for t in msg.tensors if t.role == pb.ROLE_HEAD)
     return sum(len(t.data) for t in msg.tensors) - head, head
 
