@@ -13,6 +13,7 @@ markers) and docs/results.png (accuracy vs epsilon, per-round curves) from what 
 
 Usage: python bench/quality.py [--methods ...] [--privacy none dp_eps8 ...] [--seeds 0 1]
        [--results bench/results/quality.jsonl] [--collect-only] [-- extra overrides]
+       python bench/quality.py --plan   # the cells still to run; writes nothing
 """
 
 from __future__ import annotations
@@ -205,6 +206,20 @@ def reuse_equivalent(cells: list[list[str]], fixed: list[str], results: Path,
     return filled
 
 
+def missing(cells: list[list[str]], fixed: list[str], results: Path,
+            sources: list[Path]) -> list[list[str]]:
+    """The cells a sweep would still run (writes nothing): not finished at today's config
+    digest, and not equal to a finished tuning trial."""
+    finished = {r["key"]: r.get("config_digest") for r in read_results(results)}
+    trial_digests = {r.get("config_digest") for p in sources for r in read_results(p)}
+    out = []
+    for cell in cells:
+        digest = config_digest([*fixed, *cell])
+        if finished.get(trial_key([*fixed, *cell])) != digest and digest not in trial_digests:
+            out.append(cell)
+    return out
+
+
 def set_aside_stale(cells: list[list[str]], fixed: list[str], results: Path) -> int:
     """Move the cells whose run is not the job their overrides mean today (a recipe changed
     since, so the digest differs, or the row predates digests) from ``results`` to
@@ -236,6 +251,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "RESULTS.md",
                         help="the generated section between its markers is replaced")
     parser.add_argument("--collect-only", action="store_true")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the cells a sweep would still run and write nothing")
     parser.add_argument("--tuning", type=Path, nargs="*", default=[],
                         help="tuning results files (JSONL) to render as the tuning section")
     parser.add_argument("--reuse", type=Path, nargs="*",
@@ -246,6 +263,11 @@ def main() -> None:
     fixed = FIXED + [e for e in extra if e != "--"]
     trials = [[f"strategy={m}", f"privacy={p}", f"federation.seed={s}"]
               for s in args.seeds for p in args.privacy for m in args.methods]
+    if args.plan:
+        todo = missing(trials, fixed, args.results, [p for p in args.reuse if p.is_file()])
+        print("\n".join(" ".join([*fixed, *cell]) for cell in todo))
+        print(f"{len(todo)} of {len(trials)} cells to run", file=sys.stderr)
+        return
     set_aside_stale(trials, fixed, args.results)
     reuse_equivalent(trials, fixed, args.results, [p for p in args.reuse if p.is_file()])
     if not args.collect_only:

@@ -184,6 +184,11 @@ def test_table_sets_aside_cells_from_an_older_recipe_and_reuses_only_same_jobs(
                                   "final_accuracy": 0.2}) + "\n" +
                       json.dumps({"key": "t", "overrides": trial, "final_accuracy": 0.75,
                                   "config_digest": config_digest(trial)}) + "\n")
+    # The plan (--plan) is what a sweep would run: cell 0 finished, cell 1 comes from the
+    # trial, cell 2 must run; it writes nothing.
+    before = results.read_text()
+    assert quality.missing(cells, fixed, results, [tuning]) == [cells[2]]
+    assert results.read_text() == before
     assert quality.reuse_equivalent(cells, fixed, results, [tuning]) == 1
     filled = [json.loads(line) for line in results.read_text().splitlines()][-1]
     assert filled["key"] == key[1] and filled["reused_from"] == "t"
