@@ -263,13 +263,14 @@ def main() -> None:
     fixed = FIXED + [e for e in extra if e != "--"]
     trials = [[f"strategy={m}", f"privacy={p}", f"federation.seed={s}"]
               for s in args.seeds for p in args.privacy for m in args.methods]
+    sources = [p for p in args.reuse if p.is_file()]
     if args.plan:
-        todo = missing(trials, fixed, args.results, [p for p in args.reuse if p.is_file()])
+        todo = missing(trials, fixed, args.results, sources)
         print("\n".join(" ".join([*fixed, *cell]) for cell in todo))
         print(f"{len(todo)} of {len(trials)} cells to run", file=sys.stderr)
         return
     set_aside_stale(trials, fixed, args.results)
-    reuse_equivalent(trials, fixed, args.results, [p for p in args.reuse if p.is_file()])
+    reuse_equivalent(trials, fixed, args.results, sources)
     if not args.collect_only:
         run_trials(trials, args.results, args.runs_dir, fixed)
     rows = current_rows(args.results)
