@@ -2,20 +2,16 @@
 
 It holds the accountant's history of ``(noise_multiplier, sample_rate, steps)`` and a
 per-round log, survives restarts and server resumes, and is rewritten atomically after
-every recorded round. Epsilon spent is never read from the file: it is always a fresh
-accountant's replay of the history (:func:`~.accounting.epsilon_for_history`).
+every recorded round (how the file is named, written and locked: :mod:`.ledger_file`).
+Epsilon spent is never read from the file: it is always a fresh accountant's replay of
+the history (:func:`~.accounting.epsilon_for_history`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
-import re
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,11 +28,7 @@ from .accounting import (
     epsilon_for_history,
     merge_history,
 )
-
-try:  # POSIX advisory locks; without them (Windows) a ledger must have one writer.
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
+from .ledger_file import exclusive_lock, ledger_filename, write_durably
 
 LEDGER_VERSION = 1
 _REQUIRED = ("version", "federation", "node", "mechanism", "delta", "target_epsilon",
@@ -62,35 +54,6 @@ class LedgerError(ValueError):
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _slug(text: str) -> str:
-    # Only [A-Za-z0-9._-], no leading dot: the name can never climb out of the directory
-    # or hide itself; the hash in ledger_filename keeps distinct keys distinct.
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", text).lstrip(".")
-    return slug[:48] or "_"
-
-
-def ledger_filename(federation: str, node: str) -> str:
-    """The ledger's file name for (federation, node): readable, unique, traversal-safe."""
-    for name, value in (("federation", federation), ("node", node)):
-        if not isinstance(value, str) or not value or "\x00" in value:
-            raise ValueError(f"{name} must be a non-empty string, got {value!r}")
-    digest = hashlib.sha256(json.dumps([federation, node]).encode()).hexdigest()[:16]
-    return f"{_slug(federation)}--{_slug(node)}--{digest}.privacy.json"
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 class PrivacyLedger:
@@ -369,38 +332,14 @@ class PrivacyLedger:
     def _write(self) -> None:
         previous = self.updated_at
         self.updated_at = _now()
-        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
-        directory = self.path.parent
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{self.path.name}.", suffix=".tmp")
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
+            write_durably(self.path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
         except BaseException:
             self.updated_at = previous
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
             raise
-        _fsync_dir(directory)
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        # A sidecar lock file: the ledger itself is replaced on every write, so a lock on
-        # it would not exclude a writer holding the previous inode.
-        if fcntl is None:  # pragma: no cover
-            yield
-            return
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # closing releases the lock
+    def _locked(self) -> AbstractContextManager[None]:
+        return exclusive_lock(self.path)
 
     def __repr__(self) -> str:
         return (f"PrivacyLedger(federation={self.federation!r}, node={self.node!r}, "
