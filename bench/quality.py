@@ -37,6 +37,7 @@ from fedlora.task.files import atomic_write
 METHODS = ["fedavg", "ffa", "flora", "fedsvd", "fedsb"]
 PRIVACY = ["none", "dp_eps8", "dp_eps3", "dp_eps1"]
 EPSILON = {"none": None, "dp_eps8": 8.0, "dp_eps3": 3.0, "dp_eps1": 1.0}
+LINE_STYLES = ["-", "--", ":", "-."]  # one per privacy level, in PRIVACY order
 ROOT = Path(__file__).resolve().parents[1]
 FIXED = ["model.max_length=32"]
 
@@ -126,20 +127,27 @@ def write_report(rows_by_key: dict, methods: list[str], privacy: list[str], seed
     for method in methods:
         ys = [statistics.mean([r["final_accuracy"] for r in c]) if (c := cells(method, p))
               else float("nan") for p in privacy]
-        left.plot(xs, ys, marker="o", label=method)
-        for p, style in zip(privacy, ["-", "--", ":", "-."], strict=False):
-            for r in cells(method, p)[:1]:
-                curve = r["accuracy_per_round"]
-                right.plot(range(1, len(curve) + 1), curve, style, alpha=0.7,
-                           label=f"{method} {p}")
-    left.set_xticks(xs, [f"eps {EPSILON[p]:g}" if EPSILON[p] else "no DP" for p in privacy])
-    left.set(ylabel="final held-out accuracy", title="Accuracy vs privacy", ylim=(0, 1))
+        (line,) = left.plot(xs, ys, marker="o", label=method)
+        # One colour per method (as on the left), one line style per privacy level.
+        for p, style in zip(privacy, LINE_STYLES, strict=False):
+            curves = [r["accuracy_per_round"] for r in cells(method, p)]
+            if not curves or len({len(c) for c in curves}) != 1:
+                continue
+            mean_curve = [statistics.mean(values) for values in zip(*curves, strict=True)]
+            right.plot(range(1, len(mean_curve) + 1), mean_curve, style,
+                       color=line.get_color(), alpha=0.8)
+    privacy_labels = [f"eps {EPSILON[p]:g}" if EPSILON[p] else "no DP" for p in privacy]
+    left.set_xticks(xs, privacy_labels)
+    left.set(ylabel="final held-out accuracy (mean of seeds)", title="Accuracy vs privacy",
+             ylim=(0, 1))
     left.legend()
     left.grid(alpha=0.3)
-    right.set(xlabel="round", ylabel="held-out accuracy", title="Per-round (first seed)",
-              ylim=(0, 1))
+    right.set(xlabel="round", ylabel="held-out accuracy (mean of seeds)",
+              title="Per round (colour: method, as on the left)", ylim=(0, 1))
     right.xaxis.get_major_locator().set_params(integer=True)
-    right.legend(fontsize=6, ncol=2)
+    right.legend(handles=[plt.Line2D([], [], color="black", linestyle=style, label=label)
+                          for style, label in zip(LINE_STYLES, privacy_labels, strict=False)],
+                 fontsize=8, loc="lower right")
     right.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out.with_name("results.png"), dpi=100)
