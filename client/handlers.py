@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedlora.privacy import BudgetExhausted, DPSettings, LedgerError
+from fedlora.privacy import BudgetExhausted, DPSettings
+from fedlora.privacy.policy import NodePolicy, PolicyRefusal
 from fedlora.protos import Envelope, decode, encode
 from fedlora.task import messages as msgs
 from fedlora.task.evaluate import evaluate
@@ -28,11 +29,11 @@ from fedlora.task.training import local_sample_rate, round_lr
 
 from . import secure
 from .contribution import contribution
-from .dp import DPSetup, dp_setup, private_seed
+from .dp import DPSetup, dp_setup
 from .faults import corrupt
 from .kept import keep_trained, with_kept_factors
 from .node import NodeIdentity, round_seed
-from .replay import ReplayCache
+from .replay import ReplayCache, remember_masked, request_digest, secure_again
 from .runtime import ClientRuntime, get_runtime
 from .train import gradient_estimate, train_plain, train_private
 
@@ -60,13 +61,13 @@ def _reply(msg: Message, envelope: bytes | None, metrics: dict[str, float],
 
 class _Release:
     """The reply this node may send: everything without DP; under DP only what
-    task/release.py classifies (checked before anything leaves)."""
+    task/release.py classifies (checked before anything leaves, strings included)."""
 
-    def __init__(self, node: NodeIdentity, num_examples: int, private: bool):
+    def __init__(self, node: NodeIdentity, num_examples: int | None, private: bool):
         self.node, self.private = node, private
         self.base: dict[str, float] = {"partition-id": float(node.partition),
                                        "rank": float(node.rank)}
-        declared = node.declared_size(num_examples)
+        declared = None if num_examples is None else node.declared_size(num_examples)
         self.declared = declared is not None
         count = declared if private else num_examples
         # 0 in the envelope = "not released": the server then weighs the round uniformly.
@@ -75,7 +76,8 @@ class _Release:
             self.base["num-examples"] = float(count)
 
     def reply(self, msg: Message, envelope: Envelope | None, data: bytes | None,
-              metrics: dict[str, float], notes: dict[str, str] | None = None) -> Message:
+              metrics: dict[str, float], notes: dict[str, str] | None = None, *,
+              evaluation: bool = False) -> Message:
         metrics = dict(self.base, **metrics)
         if self.private:
             # Every envelope field that carries something (a new field must be classified).
@@ -83,76 +85,96 @@ class _Release:
                 f.name: value for f in dataclasses.fields(envelope)
                 if (value := getattr(envelope, f.name)) not in (None, {}, "", 0)}
             check_release(metrics, fields, None if envelope is None else envelope.privacy,
-                          declared_size=self.declared)
+                          declared_size=self.declared, notes=notes, evaluation=evaluation)
         return _reply(msg, data, metrics, notes)
 
 
-def _refusal(release: _Release, msg: Message, reason: str, dp: DPSetup | None) -> Message:
-    metrics: dict[str, float] = {"refused": 1.0}
-    if dp is not None:
-        metrics.update(released_metrics(dp.ledger.epsilon_spent, dp))
-    return release.reply(msg, None, None, metrics, {"reason": reason})
+def _refusal(msg: Message, node: NodeIdentity, private: bool, code: str) -> Message:
+    """A refusal: a fixed code and the node's public identity, nothing else."""
+    release = _Release(node, None, private)
+    return release.reply(msg, None, None, {"refused": 1.0}, {"reason": code})
 
 
-def train(msg: Message, context: Context) -> Message:
-    cfg, config = _job(msg)
+def _guarded(handler):
+    """Run a handler; a private node's refusals and failures leave as fixed codes only.
+
+    Flower forwards an exception's text to the server, and that text can carry data
+    (sizes, ratios, paths): under DP every failure is logged here and answered with the
+    code "client-error"; a non-private node raises as before.
+    """
+    def run(msg: Message, context: Context) -> Message:
+        cfg, config = _job(msg)
+        node = NodeIdentity(cfg, config, context)
+        secure = _secure(msg) or bool(cfg.get("secure_aggregation"))
+        private = bool(cfg["privacy"].get("enabled"))
+        try:
+            policy = node.policy(cfg["privacy"], secure)
+            private = policy.private(cfg["privacy"])
+            return handler(msg, context, cfg, config, node, policy, private)
+        except PolicyRefusal as exc:
+            _log.warning("%s refuses: %s", node.name, exc)
+            return _refusal(msg, node, private, exc.code)
+        except Exception:
+            if not private:
+                raise
+            _log.exception("%s failed; the server gets the code client-error only", node.name)
+            return _refusal(msg, node, private, "client-error")
+
+    return run
+
+
+@_guarded
+def train(msg: Message, context: Context, cfg: dict[str, Any], config: ConfigRecord,
+          node: NodeIdentity, policy: NodePolicy, private: bool) -> Message:
     phase = str(config.get("phase", msgs.PHASE_TRAIN))
-    node = NodeIdentity(cfg, config, context)
     runtime = get_runtime(node.cfg, node.device)
     node.bind(runtime)
     dataset = node.dataset(runtime)
-    private = bool(cfg["privacy"].get("enabled"))
     release = _Release(node, len(dataset), private)
     if phase == msgs.PHASE_DESCRIBE:
         return release.reply(msg, None, None, {})
+    policy.admit(cfg["privacy"], _secure(msg))
     round_ = int(config["server-round"])
+    # The public seed: fresh LoRA draws and plain shuffling. DP sampling and noise never
+    # come from it (a fresh keystream per release, privacy/csprng.py).
     seed = round_seed(cfg, round_, node.partition)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed + 1)
-    try:
-        dp = dp_setup(node.cfg, node, len(dataset), runtime.method.init_round_steps())
-    except LedgerError as exc:
-        _log.warning("%s refuses round %d: %s", node.name, round_, exc)
-        return _refusal(release, msg, f"privacy ledger unavailable: {exc}", None)
+    dp = dp_setup(node.cfg, node, policy, len(dataset), runtime.method.init_round_steps())
     downlink_bytes = msgs.envelope_bytes(msg.content)
     downlink = decode(downlink_bytes)
     cache = None
     if dp is not None:
-        secret_seed = private_seed(dp.ledger, round_)
-        torch.manual_seed(secret_seed)
-        generator = torch.Generator().manual_seed(secret_seed + 1)
-        cache = ReplayCache(dp.ledger, round_, downlink_bytes, cfg)
-        cached = cache.load() if dp.ledger.has_round(round_) else None
-        if cached is not None and _secure(msg):
-            # The cached reply is an unmasked update: it must never go to the server.
-            return _refusal(release, msg, "already trained this round; under secure "
-                            "aggregation an update is never re-sent", dp)
-        if cached is not None:
-            _log.info("%s: round %d already trained; re-sending the same update", node.name,
-                      round_)
-            return _reply(msg, cached[0], cached[1])
+        request = request_digest(msg, downlink_bytes, cfg)
+        if _secure(msg):
+            again = secure_again(msg, context, round_, request)
+            if again is not None:
+                return again
+        else:
+            cache = ReplayCache(dp.ledger, round_, request)
+            cached = cache.load()
+            if cached is not None:
+                _log.info("%s: round %d already answered; re-sending the same bytes", node.name,
+                          round_)
+                return _reply(msg, cached[0], cached[1])
     if phase == msgs.PHASE_INIT:
-        try:
-            return _init_round(msg, context, runtime, node, dataset, dp, round_, generator,
-                               release)
-        except BudgetExhausted as exc:
-            return _refusal(release, msg, f"budget exhausted: {exc}", dp)
+        return _init_round(msg, context, runtime, node, dataset, dp, round_, release, cache)
 
     factors = with_kept_factors(context, runtime, downlink.factors)
     start = runtime.method.client_start(factors, runtime.spec, rank=node.rank,
                                         seed=seed % 2**31, round=round_)
     model = runtime.host.start(start, downlink.head)
     strategy = dict(cfg["strategy"], lr=round_lr(cfg, round_))
-    try:
-        if dp is None:
-            result = train_plain(model, dataset, strategy, runtime.task, runtime.device,
-                                 generator)
-        else:
+    if dp is None:
+        result = train_plain(model, dataset, strategy, runtime.task, runtime.device,
+                             generator)
+    else:
+        dp.admit(dp.settings.steps)
+        try:
             result = train_private(model, dataset, strategy, runtime.task, runtime.device,
-                                   generator, dp.settings, dp.ledger, round_, dp.budget)
-    except BudgetExhausted as exc:
-        _log.warning("%s refuses round %d: %s", node.name, round_, exc)
-        return _refusal(release, msg, f"budget exhausted: {exc}", dp)
+                                   dp.settings, dp.ledger, round_, dp.budget, dp.run)
+        except BudgetExhausted as exc:
+            raise PolicyRefusal("budget-exhausted", str(exc)) from exc
     keep_trained(context, runtime, start.trainable)
     # The node's own log keeps what it does not release (under DP: loss and timing).
     _log.info("%s round %d: train loss %.4f, %.1f s", node.name, round_, result.train_loss,
@@ -162,7 +184,8 @@ def train(msg: Message, context: Context) -> Message:
         factors=runtime.host.factors(runtime.method.uplink_in_round(round_)),
         head=runtime.host.head_state(), num_examples=release.count, scaling=start.scaling,
         rank=start.rank, fingerprint=runtime.fingerprint, node=node.name,
-        privacy=None if dp is None else released_privacy(result.epsilon, dp),
+        privacy=None if dp is None else released_privacy(result.epsilon, dp,
+                                                         declared_size=release.declared),
     )
     fault = (cfg.get("faults") or {}).get(str(node.partition))
     if _secure(msg):
@@ -181,7 +204,7 @@ def train(msg: Message, context: Context) -> Message:
     if dp is None:
         metrics.update({"train-loss": result.train_loss, "train-seconds": result.seconds})
     else:
-        metrics.update(released_metrics(result.epsilon, dp))
+        metrics.update(released_metrics(result.epsilon, dp, declared_size=release.declared))
     reply = release.reply(msg, envelope, data, metrics)
     if cache is not None:
         cache.store(data, dict(release.base, **metrics))
@@ -189,9 +212,8 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _init_round(msg: Message, context: Context, runtime: ClientRuntime, node: NodeIdentity,
-                dataset,
-                dp: DPSetup | None, round_: int, generator: torch.Generator,
-                release: _Release) -> Message:
+                dataset, dp: DPSetup | None, round_: int, release: _Release,
+                cache: ReplayCache | None) -> Message:
     """The method's init round: a (DP) gradient estimate of every target weight."""
     unsupported = sorted(set(runtime.method.init_round_roles) - set(_INIT_ROLES))
     if unsupported:
@@ -204,12 +226,17 @@ def _init_round(msg: Message, context: Context, runtime: ClientRuntime, node: No
                               sample_rate=local_sample_rate(strategy, len(dataset)), steps=steps)
         ledger = None
     else:
+        dp.admit(steps)
         settings = DPSettings(**{**dp.settings.__dict__, "steps": steps})
         ledger = dp.ledger
-        ledger.check_budget(settings.noise_multiplier, settings.sample_rate, steps)
+        try:
+            ledger.check_budget(settings.noise_multiplier, settings.sample_rate, steps, dp.budget)
+        except BudgetExhausted as exc:
+            raise PolicyRefusal("budget-exhausted", str(exc)) from exc
     model = runtime.host.base.train()
     grads = gradient_estimate(model, runtime.host.linears, dataset, strategy, runtime.task,
-                              runtime.device, generator, settings, ledger, round_)
+                              runtime.device, settings, ledger, round_,
+                              None if dp is None else dp.run)
     envelope = Envelope(method=runtime.method.name, round=round_, direction="up",
                         factors={m: {role: g for role in runtime.method.init_round_roles}
                                  for m, g in grads.items()},
@@ -224,8 +251,12 @@ def _init_round(msg: Message, context: Context, runtime: ClientRuntime, node: No
     data = encode(envelope, runtime.cfg["wire_dtype"])
     metrics = {"bytes-up": float(len(data))}
     if dp is not None:
-        metrics.update(released_metrics(dp.ledger.epsilon_spent, dp))
-    return release.reply(msg, envelope, data, metrics)
+        metrics.update(released_metrics(dp.ledger.epsilon_spent, dp,
+                                        declared_size=release.declared))
+    reply = release.reply(msg, envelope, data, metrics)
+    if cache is not None:
+        cache.store(data, dict(release.base, **metrics))
+    return reply
 
 
 def _secure(msg: Message) -> bool:
@@ -239,19 +270,26 @@ def _masked(msg: Message, context: Context, release: _Release, trained, started,
     _, vector = contribution(trained, started, config)
     metrics: dict[str, float] = {}
     if dp is not None and epsilon is not None:
-        metrics.update(released_metrics(epsilon, dp))
-    return secure.masked_reply(release.reply(msg, None, None, metrics), msg, context, vector)
+        metrics.update(released_metrics(epsilon, dp, declared_size=release.declared))
+    reply = secure.masked_reply(release.reply(msg, None, None, metrics), msg, context, vector)
+    if dp is not None:
+        remember_masked(context, int(config["server-round"]), request_digest(
+            msg, msgs.envelope_bytes(msg.content), json.loads(str(config[msgs.JOB_CONFIG_KEY]))),
+            reply)
+    return reply
 
 
-def evaluate_global(msg: Message, context: Context) -> Message:
+@_guarded
+def evaluate_global(msg: Message, context: Context, cfg: dict[str, Any], config: ConfigRecord,
+                    node: NodeIdentity, policy: NodePolicy, private: bool) -> Message:
     """Evaluate the global model (with any factors this node keeps) on this node's data.
 
-    The accuracy of a model on private data is itself a statistic of that data: the server
-    asks for it only when federation.fraction_evaluate > 0, which a private job should
-    leave at 0 (it is not accounted).
+    The accuracy of a model on private data is itself a statistic of that data, outside
+    the DP guarantee: a private node answers only if its owner's policy sets
+    ``allow-evaluation``, and otherwise refuses with the code policy-forbids-evaluation.
     """
-    cfg, config = _job(msg)
-    node = NodeIdentity(cfg, config, context)
+    if private and not policy.allow_evaluation:
+        raise PolicyRefusal("policy-forbids-evaluation")
     runtime = get_runtime(node.cfg, node.device)
     node.bind(runtime)
     dataset = node.dataset(runtime)
@@ -260,6 +298,8 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     start = runtime.method.client_start(factors, runtime.spec, rank=node.rank)
     model = runtime.host.start(start, downlink.head)
     result = evaluate(model, dataset, runtime.task, device=runtime.device)
-    return _reply(msg, None, {"eval-loss": result["loss"], "eval-accuracy": result["accuracy"],
-                              "num-examples": float(len(dataset)),
-                              "partition-id": float(node.partition)})
+    metrics = {"eval-loss": result["loss"], "eval-accuracy": result["accuracy"],
+               "num-examples": float(len(dataset)), "partition-id": float(node.partition)}
+    if private:
+        check_release(metrics, None, None, declared_size=False, evaluation=True)
+    return _reply(msg, None, metrics)

@@ -78,17 +78,20 @@ def dp_loader(dataset: Dataset, batch_size: int) -> DataLoader:
 
 def train_private(
     model: nn.Module, dataset: Dataset, strategy: Mapping[str, Any], task: str,
-    device: torch.device, generator: torch.Generator, settings: DPSettings,
-    ledger: PrivacyLedger, round: int, epsilon_budget: float,
+    device: torch.device, settings: DPSettings, ledger: PrivacyLedger, round: int,
+    epsilon_budget: float, run: str | None = None,
 ) -> LocalResult:
-    """DP-SGD local training through privacy.run_private_round (ledger updated inside)."""
+    """DP-SGD local training through privacy.run_private_round (ledger updated inside).
+
+    Sampling and noise come from a fresh keystream per call (never from a seed): training
+    the same round again is a new release with independent noise, charged again."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, strategy)
     loader = dp_loader(dataset, local_batch_size(strategy, len(dataset)))
     stats = run_private_round(
         model, optimizer, loader,
         lambda m, batch: forward(m, _to_device(batch, device), task),
-        settings, ledger, round=round, generator=generator, epsilon_budget=epsilon_budget,
+        settings, ledger, round=round, run=run, epsilon_budget=epsilon_budget,
     )
     return LocalResult(stats.steps, stats.examples_seen, stats.mean_loss, stats.seconds,
                        stats.epsilon)
@@ -96,12 +99,12 @@ def train_private(
 
 def gradient_estimate(
     model: nn.Module, weights: dict[str, nn.Linear], dataset: Dataset,
-    strategy: Mapping[str, Any], task: str, device: torch.device, generator: torch.Generator,
-    settings: DPSettings, ledger: PrivacyLedger | None, round: int,
+    strategy: Mapping[str, Any], task: str, device: torch.device,
+    settings: DPSettings, ledger: PrivacyLedger | None, round: int, run: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Fed-SB init: the (DP when a ledger is given) mean gradient of each target weight."""
     loader = dp_loader(dataset, local_batch_size(strategy, len(dataset)))
     return run_private_gradient_estimate(
         model, weights, loader, lambda m, batch: forward(m, _to_device(batch, device), task),
-        settings, ledger, round=round, generator=generator,
+        settings, ledger, round=round, run=run,
     )

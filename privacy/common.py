@@ -8,15 +8,14 @@ import secrets
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
-if TYPE_CHECKING:  # Opacus costs ~4 s of imports; the server only needs secure_generator
-    from opacus.data_loader import DPDataLoader
+from .csprng import Randomness
 
 IGNORE_INDEX = -100
 
@@ -60,29 +59,77 @@ def check_loader(data_loader: DataLoader, sample_rate: float) -> tuple[int, int]
     return num_examples, batch_size
 
 
-def poisson_loader(
-    data_loader: DataLoader, sample_rate: float, generator: torch.Generator | None
-) -> DPDataLoader:
-    """A Poisson-sampling view of ``data_loader`` at exactly ``sample_rate``.
+def poisson_loader(data_loader: DataLoader, sample_rate: float,
+                   randomness: Randomness) -> DataLoader:
+    """A Poisson-sampling view of ``data_loader`` at exactly ``sample_rate``, each
+    example's inclusion drawn from ``randomness`` (a fresh CSPRNG per release).
 
     Opacus's own conversion uses q = 1 / len(loader) = 1 / ceil(N / b), which is not b / N
-    unless b divides N, and it ignores our generator; we sample (and account) at q = b / N.
+    unless b divides N, and it draws from torch's Mersenne Twister; we sample (and
+    account) at q = b / N from the release's own keystream. Empty batches are legal.
     """
-    from opacus.data_loader import DPDataLoader
+    from opacus.data_loader import dtype_safe, shape_safe, wrap_collate_with_empty
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
-    return DPDataLoader(
-        data_loader.dataset,  # type: ignore[arg-type]
-        sample_rate=sample_rate,
-        collate_fn=data_loader.collate_fn,
-        generator=generator if generator is not None else data_loader.generator,
-        num_workers=data_loader.num_workers,
-        pin_memory=data_loader.pin_memory,
-        timeout=data_loader.timeout,
-        worker_init_fn=data_loader.worker_init_fn,
-        multiprocessing_context=data_loader.multiprocessing_context,
-        prefetch_factor=data_loader.prefetch_factor,
-        persistent_workers=data_loader.persistent_workers,
-    )
+    class _KeystreamPoissonSampler(UniformWithReplacementSampler):
+        # A subclass, so Opacus's BatchMemoryManager recognises it as Poisson sampling.
+        def __iter__(self) -> Iterator[list[int]]:
+            for _ in range(self.steps):
+                mask = randomness.uniform(self.num_samples) < self.sample_rate
+                yield mask.nonzero(as_tuple=False).reshape(-1).tolist()
+
+    dataset = data_loader.dataset
+    first = dataset[0]  # type: ignore[index]
+    collate = wrap_collate_with_empty(
+        collate_fn=data_loader.collate_fn, batch_first=True, rand_on_empty=False,
+        sample_empty_shapes=[(0, *shape_safe(x)) for x in first],
+        dtypes=[dtype_safe(x) for x in first])
+    sampler = _KeystreamPoissonSampler(num_samples=len(dataset),  # type: ignore[arg-type]
+                                       sample_rate=sample_rate)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                        num_workers=data_loader.num_workers, pin_memory=data_loader.pin_memory)
+    loader.sample_rate = sample_rate  # type: ignore[attr-defined]
+    return loader
+
+
+def keystream_noise(randomness: Randomness, std: float, reference: Tensor,
+                    secure_mode: bool = False) -> Tensor:
+    """N(0, std^2) noise shaped like ``reference`` from the release's ``randomness``.
+
+    ``secure_mode``: the mean of four draws scaled back to std (Opacus's defence against
+    floating-point attacks on the sampler), at four times the draws.
+    """
+    if std == 0:
+        return torch.zeros_like(reference)
+    kwargs = {"device": reference.device, "dtype": reference.dtype}
+    if not secure_mode:
+        return randomness.normal(reference.shape, std, **kwargs)
+    draws = randomness.normal((4, *reference.shape), std, **kwargs)
+    return draws.sum(dim=0) / 2.0
+
+
+def use_keystream_noise(dp_optimizer: Any, randomness: Randomness) -> None:
+    """Make an Opacus DPOptimizer draw its noise from ``randomness``.
+
+    Opacus's ``add_noise`` draws from torch's Mersenne Twister (its CSPRNG option needs
+    torchcsprng, which has no build for torch 2.x); this replaces the draw and keeps the
+    rest of the step (clip, accumulate, scale, account) as Opacus does it.
+    """
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    def add_noise() -> None:
+        # The adjusted multiplier exists only under Opacus's adaptive clipping.
+        multiplier = getattr(dp_optimizer, "_adjusted_noise_multiplier",
+                             dp_optimizer.noise_multiplier)
+        std = multiplier * dp_optimizer.max_grad_norm
+        for p in dp_optimizer.params:
+            summed = p.summed_grad
+            _check_processed_flag(summed)  # each clipped sum is noised exactly once
+            noise = keystream_noise(randomness, std, summed, dp_optimizer.secure_mode)
+            p.grad = (summed + noise).view_as(p)
+            _mark_as_processed(summed)
+
+    dp_optimizer.add_noise = add_noise
 
 
 def cycle(loader: DataLoader) -> Iterator[Any]:
@@ -94,14 +141,6 @@ def cycle(loader: DataLoader) -> Iterator[Any]:
             yield batch
         if empty:
             raise RuntimeError("the data loader yielded no batches")
-
-
-def noise_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
-    """A generator usable on ``device``, derived from ``generator`` (sampling stays on CPU)."""
-    if generator is None or generator.device.type == device.type:
-        return generator
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    return torch.Generator(device=device).manual_seed(seed)
 
 
 def secure_generator() -> torch.Generator:

@@ -28,14 +28,13 @@ from .common import (
     check_loader,
     check_trainable,
     cycle,
-    first_device,
-    noise_generator,
     per_sample_loss,
     poisson_loader,
     quiet_hooks,
     scrub_opacus,
-    secure_generator,
+    use_keystream_noise,
 )
+from .csprng import Csprng, Randomness
 from .ledger import PrivacyLedger
 from .settings import DPSettings
 
@@ -76,7 +75,9 @@ def _restore(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, snaps
 
 def _engine(accountant: str) -> PrivacyEngine:
     with warnings.catch_warnings():
-        # secure_mode needs torchcsprng; the warning would repeat every round.
+        # Opacus warns that its own RNG is not cryptographically secure. It is not used
+        # here: sampling and noise come from the release's keystream (poisson_loader,
+        # use_keystream_noise), so the warning does not apply.
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         return PrivacyEngine(accountant=accountant)
 
@@ -90,7 +91,8 @@ def run_private_round(
     ledger: PrivacyLedger,
     *,
     round: int | None = None,
-    generator: torch.Generator | None = None,
+    run: str | None = None,
+    randomness: Randomness | None = None,
     epsilon_budget: float | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> RoundStats:
@@ -100,7 +102,8 @@ def run_private_round(
     ``ignore_index=-100``, one value per example (per sequence for token-level targets).
     ``data_loader`` is a plain loader with ``batch_size / len(dataset) == sample_rate``;
     its batches are replaced by Poisson samples at that rate (empty batches are legal).
-    ``generator`` drives the sampling and the noise. ``epsilon_budget`` tightens the
+    ``randomness`` drives the sampling and the noise; None (always, in production) draws
+    a fresh :class:`~.csprng.Csprng`, so no two calls share noise. ``epsilon_budget`` tightens the
     ledger's target (the stricter wins). ``on_step(step, batch_mean_loss)`` is called
     after each step (1-based; the loss is NaN for an empty batch).
 
@@ -125,8 +128,7 @@ def run_private_round(
     ledger.check_budget(sigma, q, steps, budget)
 
     ghost = settings.grad_sample_mode == "ghost"
-    if settings.secure_mode:
-        generator = secure_generator()
+    randomness = Csprng() if randomness is None else randomness
     engine = _engine(ledger.mechanism)
     engine.accountant.history = ledger.history  # the engine starts where the client stands
     expected_history = merge_history([*ledger.history, (sigma, q, steps)])
@@ -146,7 +148,6 @@ def run_private_round(
             # Hooks on the model itself instead of a GradSampleModule wrapper: the caller's
             # module, its forward and its state_dict keys stay as they are ("_module." free).
             wrap_model=False,
-            noise_generator=noise_generator(generator, first_device(params)),
             **extra,
         )
         if ghost:
@@ -154,13 +155,13 @@ def run_private_round(
         else:
             hooks, dp_optimizer, _ = private
             criterion = None
-        # Opacus's engine-level secure_mode needs torchcsprng (no build for torch 2.x); the
-        # optimizer flag alone selects its attack-resistant sampler, and the generator above
-        # is seeded from the OS CSPRNG.
+        # Noise and samples from the release's keystream; secure_mode selects the
+        # four-draw sampler that resists floating-point attacks.
         dp_optimizer.secure_mode = settings.secure_mode
+        use_keystream_noise(dp_optimizer, randomness)
         # Sample and account at exactly q = b / N (see poisson_loader), so the noise is
         # averaged over the expected batch b = q N and Opacus's accountant steps at q.
-        loader = poisson_loader(data_loader, q, generator)
+        loader = poisson_loader(data_loader, q, randomness)
         dp_optimizer.expected_batch_size = batch_size
         dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=q))
         physical = settings.max_physical_batch_size
@@ -181,7 +182,7 @@ def run_private_round(
                 f"Opacus accounted {engine.accountant.history} but the round expected "
                 f"{expected_history}; not recording an inconsistent round"
             )
-        epsilon = ledger.record(sigma, q, steps, round=round, max_grad_norm=clip)
+        epsilon = ledger.record(sigma, q, steps, round=round, max_grad_norm=clip, run=run)
     except BaseException:
         _restore(params, optimizer, snapshot)
         raise

@@ -16,20 +16,19 @@ from typing import Any
 
 import torch
 from opacus.grad_sample import GradSampleHooks, GradSampleHooksFastGradientClipping
-from opacus.optimizers.optimizer import _generate_noise as generate_noise
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from .common import (
     check_loader,
     cycle,
-    noise_generator,
+    keystream_noise,
     per_sample_loss,
     poisson_loader,
     quiet_hooks,
     scrub_opacus,
-    secure_generator,
 )
+from .csprng import Csprng, Randomness
 from .dpsgd import DPSettings
 from .ledger import PrivacyLedger
 
@@ -59,7 +58,8 @@ def run_private_gradient_estimate(
     ledger: PrivacyLedger | None,
     *,
     round: int | None = None,
-    generator: torch.Generator | None = None,
+    run: str | None = None,
+    randomness: Randomness | None = None,
 ) -> dict[str, Tensor]:
     """Estimate dL/dW for each ``weights[name].weight``; returns name -> (d_out, d_in).
 
@@ -109,11 +109,8 @@ def run_private_gradient_estimate(
             )
         else:
             hooks = GradSampleHooks(model, loss_reduction="sum")
-        device = targets[0].device
-        if settings.secure_mode:
-            generator = secure_generator()
-        noise_gen = noise_generator(generator, device)
-        loader = poisson_loader(data_loader, q, generator) if private else data_loader
+        randomness = Csprng() if randomness is None else randomness
+        loader = poisson_loader(data_loader, q, randomness) if private else data_loader
         totals = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in targets]
         batches = cycle(loader)
         for _ in range(steps):
@@ -131,15 +128,15 @@ def run_private_gradient_estimate(
             denominator = batch_size if private else max(n, 1)
             for total, summed in zip(totals, sums, strict=True):
                 if sigma > 0:
-                    # Opacus's sampler: plain, or attack-resistant in secure mode.
-                    noise = generate_noise(sigma * clip, summed, generator=noise_gen,
-                                           secure_mode=settings.secure_mode)
+                    # The release's keystream: plain, or attack-resistant in secure mode.
+                    noise = keystream_noise(randomness, sigma * clip, summed,
+                                            settings.secure_mode)
                     summed = summed + noise
                 total += summed / denominator
             for p in targets:
                 p.grad = None
         if ledger is not None:
-            ledger.record(sigma, q, steps, round=round, max_grad_norm=clip)
+            ledger.record(sigma, q, steps, round=round, max_grad_norm=clip, run=run)
     finally:
         if hooks is not None:
             hooks.cleanup()

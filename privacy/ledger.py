@@ -70,6 +70,7 @@ class PrivacyLedger:
         delta: float,
         history: list[HistoryEntry] | None = None,
         rounds: list[dict[str, Any]] | None = None,
+        reservations: dict[str, float] | None = None,
         created_at: str | None = None,
     ) -> None:
         self.path = Path(path)
@@ -80,6 +81,8 @@ class PrivacyLedger:
         self.target_epsilon = check_epsilon(target_epsilon, "target_epsilon")
         self._history: list[HistoryEntry] = list(history or [])
         self._rounds: list[dict[str, Any]] = [dict(r) for r in rounds or []]
+        # run label -> epsilon that run reserved from the lifetime budget (privacy/policy.py)
+        self._reservations: dict[str, float] = dict(reservations or {})
         self.created_at = created_at or _now()
         self.updated_at = self.created_at
 
@@ -190,6 +193,8 @@ class PrivacyLedger:
             path, federation=data["federation"], node=data["node"],
             mechanism=data["mechanism"], target_epsilon=data["target_epsilon"],
             delta=data["delta"], history=history, rounds=data["rounds"],
+            reservations={str(k): check_epsilon(v, "reservation")
+                          for k, v in (data.get("reservations") or {}).items()},
             created_at=data.get("created_at"),
         )
         ledger.updated_at = str(data.get("updated_at", ledger.created_at))
@@ -241,6 +246,36 @@ class PrivacyLedger:
             raise BudgetExhausted(self.epsilon_spent, after, limit)
         return after
 
+    @property
+    def reservations(self) -> dict[str, float]:
+        """Epsilon reserved from the lifetime budget, by run label (a copy)."""
+        return dict(self._reservations)
+
+    def run_steps(self, run: str) -> int:
+        """DP steps recorded under the run label ``run``."""
+        return sum(int(r.get("steps", 0)) for r in self._rounds if r.get("run") == run)
+
+    def reserve(self, run: str, epsilon: float) -> None:
+        """Reserve ``epsilon`` of :attr:`target_epsilon` (the lifetime budget) for ``run``.
+
+        A run reserves once, when it first trains; the reservations of all runs never
+        exceed the lifetime budget, so a new run label never opens a new budget. Raises
+        :class:`BudgetExhausted` (nothing written) when it would. Public inputs only: the
+        decision reveals nothing about the data.
+        """
+        epsilon = check_epsilon(epsilon, "epsilon")
+        with self._locked():
+            stored = self._load(self.path)
+            if stored is not None:
+                self._reservations = stored._reservations
+            if run in self._reservations:
+                return
+            reserved = sum(self._reservations.values())
+            if reserved + epsilon > self.target_epsilon + 1e-12:
+                raise BudgetExhausted(reserved, reserved + epsilon, self.target_epsilon)
+            self._reservations[run] = epsilon
+            self._write()
+
     def has_round(self, round: int) -> bool:
         """Whether a round with this number was recorded (a resumed federation asks)."""
         return any(r.get("round") == round for r in self._rounds)
@@ -270,6 +305,7 @@ class PrivacyLedger:
             "epsilon_spent": self.epsilon_spent,  # informative; loading replays the history
             "history": [list(e) for e in self._history],
             "rounds": self.rounds,
+            "reservations": self.reservations,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
         }
@@ -283,6 +319,7 @@ class PrivacyLedger:
         *,
         round: int | None = None,
         max_grad_norm: float | None = None,
+        run: str | None = None,
     ) -> float:
         """Append ``steps`` DP steps at (sigma, q), save atomically, return epsilon spent.
 
@@ -314,6 +351,8 @@ class PrivacyLedger:
                 "max_grad_norm": None if max_grad_norm is None else float(max_grad_norm),
                 "epsilon_after": epsilon, "recorded_at": _now(),
             }
+            if run is not None:
+                entry["run"] = str(run)
             old = (self._history, self._rounds, self.updated_at)
             self._history, self._rounds = history, [*self._rounds, entry]
             try:

@@ -11,6 +11,22 @@ from typing import Any
 from fedlora.task.files import atomic_write
 
 
+def simulated_spend(cfg: dict[str, Any]) -> float | None:
+    """In simulation only (the job names the nodes' ledger directory; a deployment never
+    does): the largest epsilon the simulated nodes' ledgers hold. Private nodes release no
+    epsilon (it depends on N_k); the simulation's owner reads its own nodes' ledgers."""
+    ledger_dir = cfg.get("ledger_dir")
+    if not ledger_dir or not cfg.get("privacy", {}).get("enabled"):
+        return None
+    spent = []
+    for path in Path(ledger_dir).glob("*.privacy.json"):
+        try:
+            spent.append(float(json.loads(path.read_text(encoding="utf-8"))["epsilon_spent"]))
+        except (OSError, ValueError, KeyError):
+            continue  # a ledger being replaced this instant: the next round reads it
+    return max(spent) if spent else None
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
     atomic_write(path, json.dumps(payload, indent=1, sort_keys=True).encode("utf-8"))
 

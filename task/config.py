@@ -128,6 +128,12 @@ def validate(cfg: Mapping[str, Any]) -> None:
     number("federation", "round_timeout_s", 0, above=True)
     fraction = number("federation", "fraction_evaluate", 0)
     need(fraction is None or fraction <= 1, "federation.fraction_evaluate must be <= 1")
+    need(not (fraction and privacy.get("enabled")
+              and not privacy.get("client_evaluation", False)),
+         "federation.fraction_evaluate > 0 under DP asks nodes for statistics of their private "
+         "data outside the guarantee; set federation.fraction_evaluate=0, or "
+         "privacy.client_evaluation=true to ask anyway (only nodes whose policy sets "
+         "allow-evaluation=true answer)")
     if None not in (clients, per_round) and per_round > clients:
         problems.append(
             f"federation.clients_per_round ({per_round}) exceeds federation.num_clients ({clients})"

@@ -7,17 +7,22 @@ noised and accounted. Under DP every other value in a reply must be either
 
 - public: fixed by the job or node config, or by the shapes (partition id, rank, bytes,
   budget, clip norm, delta, step count, the accountant's name); or
-- accounted: the privacy spent itself (epsilon, rounded up: never reported below what
-  was spent); or
 - declared public by the data owner: the training-set size, only when the node config
   sets ``public-num-examples`` (that declared value is what is sent, not the true one);
   in simulation the job's ``simulation.public_sizes`` speaks for the simulated owners
-  (each declares its true size; client/node.py).
+  (each declares its true size; client/node.py). Only then is the epsilon spent released
+  too (rounded up): it is a function of q = b / N_k, and rounded or not it changes with
+  one example where N_k is private. Without a declared size the server knows the node's
+  budget and the job's plan, and the node's ledger keeps the exact spend; or
+- a refusal code: one of the fixed codes of privacy/policy.py, never free text; or
+- outside the guarantee by the owner's choice: evaluation results, only from a node whose
+  policy sets ``allow-evaluation`` (the run's report lists them as such).
 
 Withheld under DP: the training loss (a function of the private examples outside the
 mechanism: it stays in the node's log), the exact example count (it changes by one with
-one example), the sample rate q = b / N_k and the noise multiplier (both functions of
-N_k), and the training time (it grows with the sampled batch sizes). The server then
+one example), the sample rate q = b / N_k, the noise multiplier and the epsilon spent
+(functions of N_k), the training time (it grows with the sampled batch sizes), and every
+error or refusal text (details stay in the node's log). The server then
 weighs clients uniformly unless every node of the round declared a size.
 
 A field that is in none of these lists makes :func:`check_release` raise: a new reply
@@ -34,18 +39,23 @@ PUBLIC_METRICS: dict[str, str] = {
     "partition-id": "node config",
     "rank": "job or node config (the method's rank rule)",
     "bytes-up": "fixed by the shapes, the head and the wire dtype",
-    "refused": "the node's own refusal (budget, ledger): a consequence of accounted spend",
-    "epsilon-budget": "job or node config (the stricter epsilon)",
+    "refused": "the node's refusal: decided on public quantities (policy, planned steps)",
+    "epsilon-budget": "the job's epsilon (within the node's policy)",
     "delta": "job config",
     "max-grad-norm": "job config",
-    "steps": "job config: local_steps per round trained (and init-round steps)",
-}
-ACCOUNTED_METRICS: dict[str, str] = {
-    "epsilon": "the accountant's replay of the node's ledger, rounded up to 2 decimals",
+    "steps": "DP steps this run has taken on the node: local_steps per admitted round",
 }
 DECLARED_METRICS: dict[str, str] = {
     "num-examples": "only the value of node config public-num-examples",
+    "epsilon": "the ledger's replay, rounded up to 2 decimals; only with a declared size",
 }
+EVALUATION_METRICS: dict[str, str] = {
+    "eval-loss": "outside the guarantee: only from a node whose policy allows evaluation",
+    "eval-accuracy": "outside the guarantee: only from a node whose policy allows evaluation",
+    "num-examples": "outside the guarantee: only from a node whose policy allows evaluation",
+}
+# The only text a private reply may carry: a refusal code (privacy/policy.py).
+NOTE_FIELDS: dict[str, str] = {"reason": "a fixed refusal code"}
 # Envelope fields (protos/fedlora/v1/adapter.proto) and their status under DP.
 ENVELOPE_FIELDS: dict[str, str] = {
     "method": "public", "round": "public", "direction": "public", "fingerprint": "public",
@@ -55,8 +65,8 @@ ENVELOPE_FIELDS: dict[str, str] = {
     "privacy": "public or accounted (see PRIVACY_FIELDS)",
 }
 PRIVACY_FIELDS: dict[str, str] = {
-    "epsilon": "accounted (rounded up)", "delta": "public", "max_grad_norm": "public",
-    "steps": "public", "accountant": "public",
+    "epsilon": "declared (only with a declared size; rounded up)", "delta": "public",
+    "max_grad_norm": "public", "steps": "public", "accountant": "public",
 }
 
 
@@ -71,34 +81,52 @@ def round_up(epsilon: float, decimals: int = 2) -> float:
 
 
 def check_release(metrics: Mapping[str, Any], envelope_fields: Mapping[str, Any] | None,
-                  privacy: Mapping[str, Any] | None, *, declared_size: bool) -> None:
-    """Raise :class:`UnclassifiedRelease` for any field a private reply may not carry."""
-    allowed = {**PUBLIC_METRICS, **ACCOUNTED_METRICS}
+                  privacy: Mapping[str, Any] | None, *, declared_size: bool,
+                  notes: Mapping[str, Any] | None = None, evaluation: bool = False) -> None:
+    """Raise :class:`UnclassifiedRelease` for any field a private reply may not carry.
+
+    ``notes`` are the reply's strings: only a fixed refusal code may leave. ``evaluation``:
+    the node's policy lets evaluation results leave (outside the guarantee).
+    """
+    from fedlora.privacy.policy import REFUSAL_CODES
+
+    allowed = dict(PUBLIC_METRICS)
     if declared_size:
         allowed.update(DECLARED_METRICS)
+    if evaluation:
+        allowed.update(EVALUATION_METRICS)
     bad = sorted(set(metrics) - set(allowed))
     if envelope_fields is not None:
         bad += [f"envelope.{k}" for k in sorted(set(envelope_fields) - set(ENVELOPE_FIELDS))]
     if privacy is not None:
-        bad += [f"envelope.privacy.{k}" for k in sorted(set(privacy) - set(PRIVACY_FIELDS))]
+        fields = set(PRIVACY_FIELDS) - (set() if declared_size else {"epsilon"})
+        bad += [f"envelope.privacy.{k}" for k in sorted(set(privacy) - fields)]
+    for key, value in (notes or {}).items():
+        if key not in NOTE_FIELDS or value not in REFUSAL_CODES:
+            bad.append(f"note {key!r} (only a fixed refusal code may leave)")
     if bad:
         raise UnclassifiedRelease(
             f"a private reply may not carry {bad}: each field must be public, accounted or "
             "declared public by the data owner (fedlora/task/release.py)")
 
 
-def released_privacy(epsilon: float, setup: Any) -> dict[str, float | int | str]:
-    """The envelope's privacy message under DP: accounted and public figures only."""
-    return {"epsilon": round_up(epsilon), "delta": setup.ledger.delta,
-            "max_grad_norm": setup.settings.max_grad_norm, "steps": int(setup.ledger.steps),
-            "accountant": setup.ledger.mechanism}
+def released_privacy(epsilon: float, setup: Any, *,
+                     declared_size: bool) -> dict[str, float | int | str]:
+    """The envelope's privacy message under DP: public figures, and the epsilon spent
+    (rounded up) only where the node declared its size public."""
+    out: dict[str, float | int | str] = {
+        "delta": float(setup.delta), "max_grad_norm": setup.settings.max_grad_norm,
+        "steps": int(setup.run_steps()), "accountant": setup.ledger.mechanism}
+    if declared_size:
+        out["epsilon"] = round_up(epsilon)
+    return out
 
 
-def released_metrics(epsilon: float, setup: Any) -> dict[str, float]:
-    """The same figures as reply metrics (numbers only), plus the node's budget."""
-    spent = released_privacy(epsilon, setup)
+def released_metrics(epsilon: float, setup: Any, *, declared_size: bool) -> dict[str, float]:
+    """The same figures as reply metrics (numbers only), plus the job's budget."""
+    spent = released_privacy(epsilon, setup, declared_size=declared_size)
     metrics = {k.replace("_", "-"): float(v) for k, v in spent.items() if k != "accountant"}
-    metrics["epsilon-budget"] = float(setup.budget)
+    metrics["epsilon-budget"] = float(setup.job_epsilon)
     return metrics
 
 
@@ -116,11 +144,15 @@ def privacy_statement(cfg: Mapping[str, Any]) -> dict[str, Any]:
                              "node takes part, or anything the data owner declares public"),
         "released_per_round": ["the adapter update (clipped, noised, accounted)",
                                "the head parameters (trained under the same DP-SGD)",
-                               "epsilon spent (accounted, rounded up to 2 decimals)"],
+                               "epsilon spent (rounded up), only from nodes that declared "
+                               "their size public"],
         "public": sorted(PUBLIC_METRICS),
         "declared_public_if_set": {"num-examples": DECLARED_METRICS["num-examples"]},
         "withheld": ["training loss (node log only)", "exact example count",
-                     "sample rate q = b / N_k", "noise multiplier", "training time"],
+                     "sample rate q = b / N_k", "noise multiplier", "training time",
+                     "epsilon spent (unless the size is declared)",
+                     "error and refusal text (fixed codes only)"],
+        "outside_guarantee": ["evaluation results from nodes whose policy allows them"],
         "weighting": ("uniform unless every node of a round declared public-num-examples"),
     }
 

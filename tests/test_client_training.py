@@ -74,8 +74,7 @@ def test_dp_round_trains_exactly_the_method_roles_twice(name, pooling, tmp_path)
         host.start(start, state.head)
         before, head_before = host.factors(roles), host.head_state()
         result = train_private(host.model, _data(), STRATEGY, "classification",
-                               torch.device("cpu"), torch.Generator().manual_seed(round_),
-                               settings, ledger, round_, 50.0)
+                               torch.device("cpu"), settings, ledger, round_, 50.0)
         assert result.steps == 3 and 0 < result.epsilon < 50
         _assert_trained(host, before, head_before, start, roles)
         assert not any(k.startswith("_module.") for k in host.model.state_dict())

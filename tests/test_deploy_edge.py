@@ -106,6 +106,7 @@ def test_node_config_parses_as_flower_does() -> None:
         "data-path": "/var/lib/fedlora/data",
         "max-epsilon": 3.0,
         "ledger-dir": "/var/lib/fedlora/ledger",
+        "key-dir": "/var/lib/fedlora/keys",
         "device": "cpu",
         "lora-rank": 8,
     }
@@ -156,6 +157,7 @@ def test_exact_unit_command_line_joins_a_tls_authenticated_superlink(tmp_path: P
                 FEDLORA_NODE_KEY=str(pair.private_key),
                 FEDLORA_DATA_CONFIG=f"data-path='{tmp_path / 'data'}'",
                 FEDLORA_LEDGER_DIR=str(tmp_path / "ledger"),
+                FEDLORA_KEY_DIR=str(tmp_path / "keys"),
                 FEDLORA_CLIENTAPPIO_PORT=str(free_port()),
             )
             argv = exec_start_argv(env)

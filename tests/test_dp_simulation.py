@@ -86,13 +86,14 @@ def test_lost_and_exhausted_ledgers_refuse_and_a_fresh_node_trains(dp_sweep, tmp
     epsilon) after node 0 lost its ledger and node 2 was replaced by a node that never
     trained: node 0 refuses (it must not restart from zero), node 1 refuses (its budget
     was spent in the first run), node 2 trains."""
-    ledgers = tmp_path / "ledgers"
+    ledgers, keys = tmp_path / "ledgers", tmp_path / "node-keys"
     shutil.copytree(dp_sweep["ffa"] / "privacy", ledgers)
+    shutil.copytree(dp_sweep["ffa"] / "node-keys", keys)  # apart from the ledgers
     (lost,) = ledgers.glob("*partition-0*.privacy.json")
-    assert lost.with_suffix(".secret").is_file()
-    lost.unlink()  # e.g. a container restarted without its volume
+    assert (keys / "partition-0" / f"{lost.name}.exists").is_file()
+    lost.unlink()  # e.g. a container restarted without its ledger volume
     (fresh,) = ledgers.glob("*partition-2*.privacy.json")
-    fresh.with_suffix(".secret").unlink()
+    shutil.rmtree(keys / "partition-2")  # a new node: neither keys nor ledger
     fresh.unlink()
     (spent,) = ledgers.glob("*partition-1*.privacy.json")
     before = json.loads(spent.read_text())
@@ -104,8 +105,7 @@ def test_lost_and_exhausted_ledgers_refuse_and_a_fresh_node_trains(dp_sweep, tmp
     (row,) = read_metrics(tmp_path / "run2")
     refused = {r["node"]: r["reason"] for r in row["refused"]}
     assert sorted(refused) == ["partition-0", "partition-1"]
-    assert "ledger" in refused["partition-0"] and "missing" in refused["partition-0"]
-    assert "budget exhausted" in refused["partition-1"]
+    assert refused == {"partition-0": "ledger-missing", "partition-1": "budget-exhausted"}
     assert [c["node"] for c in row["clients"]] == ["partition-2"] and not row["skipped"]
     assert not lost.exists()  # nothing restarted the budget from zero
     after = json.loads(spent.read_text())

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedlora.privacy.csprng import SeededRandomness
 from fedlora.privacy import (
     BudgetExhausted,
     DPSettings,
@@ -145,7 +146,7 @@ def test_bert_lora_round_updates_lora_only_and_can_repeat(
         before = {n: p.detach().clone() for n, p in before.items()}
         try:
             stats = run_private_round(model, sgd(model), loader, bert_forward, settings, ledger,
-                                      round=round_, generator=torch.Generator().manual_seed(round_))
+                                      round=round_, randomness=SeededRandomness(round_))
         except NotImplementedError as exc:  # pragma: no cover - depends on the Opacus version
             pytest.skip(f"Opacus {mode} mode does not support this model: {exc}")
         after = dict(model.named_parameters())
@@ -186,7 +187,7 @@ def test_tiny_llama_causal_lm_round(tmp_path: Path, mode: str) -> None:
     settings = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.25, steps=2,
                           accountant="rdp", grad_sample_mode=mode)
     stats = run_private_round(model, sgd(model), loader, forward, settings, ledger_for(tmp_path),
-                              generator=torch.Generator().manual_seed(0))
+                              randomness=SeededRandomness(0))
     assert stats.steps == 2 and stats.mean_loss == stats.mean_loss  # finite loss
     assert all(not torch.equal(p, dict(model.named_parameters())[n]) for n, p in before.items())
 
@@ -220,7 +221,7 @@ def test_empty_poisson_batches_and_token_targets(tmp_path: Path, mode: str) -> N
                           accountant="rdp", grad_sample_mode=mode)
     seen: list[float] = []
     stats = run_private_round(model, sgd(model), loader, tiny_forward, settings, ledger,
-                              generator=torch.Generator().manual_seed(0),
+                              randomness=SeededRandomness(0),
                               on_step=lambda s, loss: seen.append(loss))
     assert stats.steps == 12 and len(seen) == 12
     assert any(loss != loss for loss in seen)  # NaN marks an empty batch
@@ -407,7 +408,7 @@ def test_private_gradient_estimate_records_steps(tmp_path: Path) -> None:
                           accountant="rdp")
     grads = run_private_gradient_estimate(model, weights, tiny_data(20, 5), tiny_forward,
                                           settings, ledger, round=0,
-                                          generator=torch.Generator().manual_seed(0))
+                                          randomness=SeededRandomness(0))
     assert grads["hidden"].shape == (DIM, DIM) and grads["head"].shape == (CLASSES, DIM)
     assert all(torch.isfinite(g).all() for g in grads.values())
     assert ledger.history == [(1.0, 0.25, 3)] and ledger.has_round(0)

@@ -9,7 +9,6 @@ import pytest
 from fedlora.protos import Envelope
 from fedlora.protos.codec import PRIVACY_FIELDS as WIRE_PRIVACY_FIELDS
 from fedlora.task.release import (
-    ACCOUNTED_METRICS,
     DECLARED_METRICS,
     ENVELOPE_FIELDS,
     PRIVACY_FIELDS,
@@ -28,10 +27,21 @@ def test_every_envelope_field_is_classified() -> None:
 
 
 def test_check_release_rejects_what_nobody_classified() -> None:
-    ok = {**dict.fromkeys(PUBLIC_METRICS, 1.0), **dict.fromkeys(ACCOUNTED_METRICS, 1.0)}
-    check_release(ok, {"factors": 1, "round": 2}, {"epsilon": 1.0, "steps": 3},
+    ok = dict.fromkeys(PUBLIC_METRICS, 1.0)
+    check_release(ok, {"factors": 1, "round": 2}, {"delta": 1e-5, "steps": 3},
                   declared_size=False)
-    for leak in ("train-loss", "train-seconds", "sample-rate", "noise-multiplier"):
+    # epsilon is a function of q = b / N_k: it leaves only with a declared size.
+    with pytest.raises(UnclassifiedRelease, match="epsilon"):
+        check_release({**ok, "epsilon": 1.0}, None, None, declared_size=False)
+    with pytest.raises(UnclassifiedRelease, match="envelope.privacy.epsilon"):
+        check_release(ok, {"privacy": 1}, {"epsilon": 1.0}, declared_size=False)
+    check_release(ok, {"privacy": 1}, {"epsilon": 1.0}, declared_size=True)
+    # Strings: a fixed refusal code only.
+    check_release(ok, None, None, declared_size=False, notes={"reason": "budget-exhausted"})
+    with pytest.raises(UnclassifiedRelease, match="refusal code"):
+        check_release(ok, None, None, declared_size=False, notes={"reason": "1/N_k = 1/463"})
+    for leak in ("train-loss", "train-seconds", "sample-rate", "noise-multiplier",
+                 "eval-accuracy"):
         with pytest.raises(UnclassifiedRelease, match=leak):
             check_release({**ok, leak: 0.5}, None, None, declared_size=False)
     with pytest.raises(UnclassifiedRelease, match="num-examples"):

@@ -32,7 +32,8 @@ def test_ledger_rate_is_the_rate_the_loader_samples_at(tmp_path) -> None:
     cfg = compose_job(["privacy=dp", "privacy.accountant=rdp", "strategy.sample_rate=0.09",
                        "run_name=fed"])
     for n in (37, 901):
-        setup = dp_setup(cfg, _node(cfg, {"ledger-dir": str(tmp_path)}), n)
+        node = _node(cfg, {"ledger-dir": str(tmp_path)})
+        setup = dp_setup(cfg, node, node.policy(cfg["privacy"], False), n)
         assert setup.settings.sample_rate == local_batch_size(cfg["strategy"], n) / n
         assert setup.settings.sample_rate == pytest.approx(0.09, abs=0.5 / n)
 
