@@ -6,6 +6,7 @@
   fedlora methods                         the registered aggregation methods
   fedlora privacy RUN_DIR                 the per-client privacy report of a run
   fedlora tune --strategy S --privacy P --space k=v1,v2 ...   search a recipe (real runs)
+  fedlora audit [hydra overrides] [--self-test] [--json]   empirical lower bound on epsilon
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     commands = {"simulate": _simulate, "resume": _resume, "methods": _methods,
-                "privacy": _privacy, "deploy": _deploy, "tune": _tune}
+                "privacy": _privacy, "deploy": _deploy, "tune": _tune, "audit": _audit}
     if command not in commands:
         print(f"fedlora: unknown command {command!r}\n\n{USAGE.strip()}", file=sys.stderr)
         return 2
@@ -65,6 +66,13 @@ def _tune(rest: list[str]) -> int:
     from .tune import main as tune_main
 
     return tune_main(rest)
+
+
+def _audit(rest: list[str]) -> int:
+    from .audit import main as audit_main
+
+    _quiet()
+    return audit_main(rest)
 
 
 def _simulate(rest: list[str]) -> int:

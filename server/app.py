@@ -46,9 +46,9 @@ def load_job_config(path: str | Path | None) -> dict[str, Any]:
 
 
 def _local_ledger_replay(cfg: dict[str, Any]) -> float | None:
-    """In simulation the nodes' ledgers sit on this machine: the exact replay (max over this
-    federation's nodes) beside the released, rounded-up figures. None where ledgers live
-    on the nodes."""
+    """In simulation the nodes' ledgers sit on this machine: the exact replay (max over the
+    simulated nodes' lifetime ledgers; private nodes release no epsilon unless they declare
+    their size). None where ledgers live on the nodes."""
     from fedlora.privacy import LedgerError, PrivacyLedger
 
     ledger_dir = cfg.get("ledger_dir")
@@ -62,7 +62,7 @@ def _local_ledger_replay(cfg: dict[str, Any]) -> float | None:
             continue
         # The server's client-level ledger sits in the same directory: another guarantee,
         # reported as client_level_epsilon, never mixed into the sample-level figure.
-        if ledger.federation == str(cfg["run_name"]) and ledger.node != CLIENT_LEVEL_NODE:
+        if ledger.federation.startswith("data-") and ledger.node != CLIENT_LEVEL_NODE:
             spent.append(ledger.epsilon_spent)
     return max(spent, default=None)
 
@@ -93,6 +93,7 @@ def run_server(grid: Grid, cfg: dict[str, Any], *, resume: bool = False) -> dict
         replay = _local_ledger_replay(cfg)
         if replay is not None:
             extra["epsilon_replay_max"] = replay
+            extra.setdefault("epsilon_max", replay)
     if strategy.client_dp is not None:
         extra.update(strategy.client_dp.summary())
         extra["client_level_statement"] = client_level_statement(cfg)

@@ -63,12 +63,13 @@ def released_metrics(metrics: MetricRecord) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "train-loss" in metrics:
         out["train_loss"] = float(metrics["train-loss"])
-    if "epsilon" in metrics:
-        out.update({"epsilon": float(metrics["epsilon"]), "delta": float(metrics["delta"])})
-        for key, field_name, kind in (("max-grad-norm", "max_grad_norm", float),
-                                      ("steps", "steps", int)):
-            if key in metrics:
-                out[field_name] = kind(metrics[key])
+    # epsilon only from nodes that declared their size; the public figures from every
+    # private node
+    for key, field_name, kind in (("epsilon", "epsilon", float), ("delta", "delta", float),
+                                  ("max-grad-norm", "max_grad_norm", float),
+                                  ("steps", "steps", int)):
+        if key in metrics:
+            out[field_name] = kind(metrics[key])
     return out
 
 
