@@ -1,0 +1,97 @@
+"""MkDocs hooks: tables generated from the code, so the docs cannot drift from it.
+
+- ``<!-- fedlora:methods -->``: every registered method (fedlora.aggregation's registry)
+  with what it trains, sends and whether it aggregates exactly, and its bytes per module
+  per round at MiniLM's shapes.
+- ``<!-- fedlora:options -->``: every method's typed options with default and help.
+- ``<!-- fedlora:config -->``: every key of the default job (conf/config.yaml composed
+  with its defaults) with its default value.
+- ``<!-- fedlora:refusals -->``: the node's fixed refusal codes (privacy/policy.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+_ROOT = Path(__file__).resolve().parents[1]
+_PACKAGES = ("aggregation", "client", "server", "privacy", "protos", "task", "deploy", "conf")
+
+
+def _api_tree() -> None:
+    """build/apidoc/fedlora/<pkg> -> <pkg>: the import layout (pyproject's package-dir),
+    which mkdocstrings reads statically (mkdocs.yml: paths [build/apidoc])."""
+    root = _ROOT / "build" / "apidoc" / "fedlora"
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "__init__.py").touch()
+    for name in _PACKAGES:
+        link = root / name
+        if not link.is_symlink():
+            link.symlink_to(_ROOT / name, target_is_directory=True)
+
+
+_api_tree()
+
+
+def _methods_table() -> str:
+    from fedlora.aggregation import available_methods, get_method
+
+    rows = ["| method | client trains | up | down | exact | bytes up / down (float32, 384 x 384, r 8) | summary |",
+            "|---|---|---|---|---|---|---|"]
+    for name in available_methods():
+        m = get_method(name)
+        up, down = 4 * m.uplink_floats(384, 384, 8), 4 * m.downlink_floats(384, 384, 8)
+        rows.append(f"| [`{name}`]({name}.md) | {', '.join(m.client_trains)} | "
+                    f"{', '.join(m.uplink_roles)} | {', '.join(m.downlink_roles)} | "
+                    f"{'yes' if m.exact else 'no'} | {up:,} / {down:,} | {m.summary} |")
+    return "\n".join(rows)
+
+
+def _options_table() -> str:
+    from fedlora.aggregation import available_methods, get_method
+
+    rows = ["| method | option | default | meaning |", "|---|---|---|---|"]
+    for name in available_methods():
+        for key, (default, help_text) in get_method(name).describe_options().items():
+            rows.append(f"| `{name}` | `strategy.options.{key}` | `{default!r}` | {help_text} |")
+    return "\n".join(rows)
+
+
+def _flatten(prefix: str, value: Any, out: list[tuple[str, Any]]) -> None:
+    if isinstance(value, dict) and value:
+        for key in sorted(value):
+            _flatten(f"{prefix}.{key}" if prefix else key, value[key], out)
+    else:
+        out.append((prefix, value))
+
+
+def _config_table() -> str:
+    from fedlora.task.config import compose_job
+
+    flat: list[tuple[str, Any]] = []
+    _flatten("", compose_job([]), flat)
+    rows = ["| key | default (the default job) |", "|---|---|"]
+    rows += [f"| `{key}` | `{json.dumps(value, default=str)}` |" for key, value in flat]
+    return "\n".join(rows)
+
+
+def _refusals_table() -> str:
+    from fedlora.privacy.policy import REFUSAL_CODES
+
+    rows = ["| code | meaning |", "|---|---|"]
+    rows += [f"| `{code}` | {meaning} |" for code, meaning in REFUSAL_CODES.items()]
+    return "\n".join(rows)
+
+
+_MARKERS = {"<!-- fedlora:methods -->": _methods_table,
+            "<!-- fedlora:options -->": _options_table,
+            "<!-- fedlora:config -->": _config_table,
+            "<!-- fedlora:refusals -->": _refusals_table}
+
+
+def on_page_markdown(markdown: str, **kwargs: Any) -> str:
+    for marker, make in _MARKERS.items():
+        if marker in markdown:
+            markdown = markdown.replace(marker, make())
+    return markdown

@@ -1,0 +1,51 @@
+"""The README and the docs say what the code does: short README, the methods table matches
+the registry, every relative link and referenced repository file exists, no internal
+history in the product."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from fedlora.aggregation import available_methods
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = sorted((ROOT / "docs").rglob("*.md"))
+PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *DOCS]
+# Repository paths written in backticks: top-level folders of this repository.
+FOLDERS = ("aggregation", "client", "server", "privacy", "protos", "task", "deploy", "conf",
+           "bench", "tests", "docs")
+
+
+def test_readme_is_an_entry_point_not_a_manual() -> None:
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 200
+
+
+def test_readme_methods_table_is_the_registry() -> None:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Methods"):text.index("## Privacy")]
+    listed = re.findall(r"^\| `(\w+)`", section, re.M)
+    assert sorted(listed) == sorted(available_methods())
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_and_file_references_exist(page: Path) -> None:
+    text = page.read_text()
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+        if not re.match(r"[a-z]+:", target):
+            assert (page.parent / target).exists(), f"{page.name}: broken link {target}"
+    for ref in re.findall(r"`((?:%s)/[\w./-]+\.\w+)`" % "|".join(FOLDERS), text):
+        if "*" in ref or "<" in ref or "NNN" in ref:
+            continue
+        assert (ROOT / ref).exists(), f"{page.name}: names {ref}, which does not exist"
+
+
+def test_no_internal_history_in_the_product() -> None:
+    pattern = re.compile(r"session [0-9]+|\bs[0-9]+[-.]", re.I)
+    pages = [ROOT / "README.md", *DOCS, *(ROOT / "bench").rglob("*.md")]
+    hits = [f"{p.name}: {m.group(0)}" for p in pages for m in pattern.finditer(p.read_text())]
+    assert not hits
+    names = [p.name for p in (ROOT / "bench" / "results").rglob("*")]
+    assert not [n for n in names if re.search(r"-s\d+", n)]
