@@ -1,9 +1,15 @@
 """One node's contribution to a secure sum (client/secure.py masks it).
 
-(trained - start) over the uplink roles and the head; under client-level DP clipped to the
-server's C, plus this node's share of the noise (distributed DP: N(0, z_u^2 C^2 / t)),
-and the unclipped indicator for adaptive clipping; times the scale the server assigned
-(p_k, or 1/m under client-level DP).
+x = (trained - start) over the uplink roles and the head, times the scale the server
+assigned (p_k, or 1/m under client-level DP). Under client-level DP (distributed DP) the
+difference is first clipped to the server's C, the centred indicator kappa (b - 1/2) / m
+is appended for adaptive clipping, and then, in units of the ring's grid step g:
+
+    q = condround(x / g, R) + N_Z(0, sigma^2)          (int64, masked as is)
+
+conditional randomized rounding to L2 norm <= R and a discrete Gaussian share, with R and
+sigma = z R / sqrt(t - c) sent by the server (task/secure_sum.distributed_instructions;
+the math is in privacy/client_level.py). Randomness: a fresh ChaCha20 keystream per release.
 """
 
 from __future__ import annotations
@@ -14,32 +20,45 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord
 
-from fedlora.privacy.client_level import add_gaussian, clip_to_norm, difference
-from fedlora.privacy.common import secure_generator
+from fedlora.privacy.client_level import (
+    centred_indicator,
+    check_discrete_noise,
+    clip_to_norm,
+    conditional_round,
+    difference,
+    discrete_gaussian,
+)
+from fedlora.privacy.csprng import Csprng
 from fedlora.task.secure_sum import UNCLIPPED, Layout
 
 
 def contribution(trained: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor],
                  config: ConfigRecord) -> tuple[Layout, np.ndarray]:
-    """This node's vector for the sum: (trained - start), clipped and noised as the server
-    instructs under client-level DP, times the scale the server assigned."""
+    """This node's vector for the sum: float64 (quantized by the protocol), or int64 grid
+    values already rounded and noised under distributed DP."""
     delta = difference(trained, start)
     clip = float(config.get("secagg-clip", 0.0))
-    indicator = None
+    centred = None
     if clip > 0:
         delta, norm = clip_to_norm(delta, clip)
-        indicator = 1.0 if norm <= clip else 0.0
-    std = float(config.get("secagg-noise-std", 0.0))
-    generator = secure_generator() if std > 0 else None
-    if generator is not None:
-        delta = add_gaussian(delta, std, generator)
-    if bool(config.get("secagg-unclipped", False)):
-        count_std = float(config.get("secagg-count-noise-std", 0.0))
-        noise = float(torch.randn((), generator=generator or secure_generator(),
-                                  dtype=torch.float64)) * count_std
-        delta[UNCLIPPED] = torch.tensor((indicator or 0.0) + noise, dtype=torch.float64)
+        centred = centred_indicator(norm, clip)
     scale = float(config["secagg-scale"])
     tensors = {k: v * scale for k, v in delta.items()}
-    factors_and_head = {k: v for k, v in tensors.items() if k != UNCLIPPED}
-    layout = Layout.of_named(factors_and_head, unclipped=UNCLIPPED in tensors)
-    return layout, layout.flatten(tensors)
+    adaptive = bool(config.get("secagg-unclipped", False))
+    layout = Layout.of_named(tensors, unclipped=adaptive)
+    sigma = float(config.get("secagg-noise-std", 0.0))
+    if sigma <= 0:
+        if adaptive:
+            raise ValueError("secure aggregation: an unclipped count without noise shares")
+        return layout, layout.flatten(tensors)
+    if centred is None:
+        raise ValueError("distributed DP: noise shares without a clip")
+    check_discrete_noise(sigma)
+    if adaptive:
+        kappa = float(config["secagg-count-scale"])
+        tensors[UNCLIPPED] = torch.tensor(kappa * centred * scale, dtype=torch.float64)
+    step, bound = float(config["secagg-grid-step"]), float(config["secagg-norm-bound"])
+    grid = torch.from_numpy(layout.flatten(tensors)) / step
+    rng = Csprng()
+    noised = conditional_round(grid, bound, rng) + discrete_gaussian(grid.numel(), sigma, rng)
+    return layout, noised.numpy().astype(np.int64)

@@ -5,7 +5,9 @@ q = 1), clips each update's difference from the round's reference to C (it is th
 party; with secure aggregation the clients clip and add the noise themselves), adds the
 Gaussian noise to the sum, divides by the expected cohort m, and charges one step of
 (z, q) to its own ledger before anything is released. A round the budget cannot pay for
-is never started.
+is never started. A round that releases nothing because too few clients took part (secure
+aggregation below its threshold) is charged all the same: whether it is skipped depends on
+who took part, so the skip itself is a release of the mechanism.
 """
 
 from __future__ import annotations
@@ -24,10 +26,13 @@ from fedlora.privacy import PrivacyLedger
 from fedlora.privacy.client_level import (
     ClientLevelConfig,
     add_gaussian,
+    centred_indicator,
     clip_to_norm,
     difference,
+    distributed_dp_threat_model,
     next_clip,
     plan,
+    unclipped_fraction,
 )
 from fedlora.privacy.common import secure_generator
 from fedlora.task.secure_sum import UNCLIPPED, named, split
@@ -68,48 +73,61 @@ class ClientLevelDP:
 
     # -- the release ------------------------------------------------------------------------
     def clipped_sum(self, contributions: Sequence[Mapping[str, torch.Tensor]],
-                    reference: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int, list[float]]:
-        """(sum of clipped differences, how many were not clipped, their norms)."""
+                    reference: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float, list[float]]:
+        """(sum of clipped differences, sum_k (b_k - 1/2), their norms).
+
+        The count is centred: one client moves it by 1/2, the sensitivity the combined
+        multiplier of adaptive clipping assumes."""
         total = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in reference.items()}
-        unclipped, norms = 0, []
+        centred, norms = 0.0, []
         for tensors in contributions:
             clipped, norm = clip_to_norm(difference(tensors, reference), self.clip)
             norms.append(norm)
-            unclipped += norm <= self.clip
+            centred += centred_indicator(norm, self.clip)
             for k, v in clipped.items():
                 total[k] += v
-        return total, unclipped, norms
+        return total, centred, norms
 
-    def release(self, total: Mapping[str, torch.Tensor], unclipped: float | None,
+    def release(self, total: Mapping[str, torch.Tensor], centred: float | None,
                 round: int, *, noised: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The mean update (sum + noise) / m, charged to the ledger first.
 
-        ``noised``: the clients already added their noise shares and divided by m
-        (distributed DP under secure aggregation); ``unclipped`` is then the noised
-        fraction, else the exact count.
+        ``centred`` is sum_k (b_k - 1/2) (adaptive clipping): exact here, the server adds
+        N(0, sigma_b^2); with ``noised`` the clients already added their noise shares and
+        divided by m (distributed DP under secure aggregation) and ``centred`` is the
+        noised centred count.
         """
         self.check_budget()
         m = self.config.cohort
         clip = self.clip
         if noised:
             mean = {k: v.double() for k, v in total.items() if k != UNCLIPPED}
-            fraction = unclipped
+            noised_centred = centred
         else:
             std = self.plan.sum_noise_std(clip)
             mean = {k: v / m for k, v in add_gaussian(total, std, self._generator).items()}
-            fraction = None
-            if self.config.adaptive and unclipped is not None:
+            noised_centred = None
+            if self.config.adaptive and centred is not None:
                 noise = float(torch.randn((), generator=self._generator, dtype=torch.float64))
-                fraction = (unclipped + self.plan.count_noise * noise) / m
-        if self.config.adaptive and fraction is not None:
-            self.clip = next_clip(clip, fraction * m, self.config)
+                noised_centred = centred + self.plan.count_noise * noise
+        if self.config.adaptive and noised_centred is not None:
+            self.clip = next_clip(clip, noised_centred, self.config)
         epsilon = self.ledger.record(self.plan.noise_multiplier, self.plan.sample_rate, 1,
                                      round=round, max_grad_norm=clip)
         report = {"client_level_epsilon": epsilon, "client_level_clip": clip,
                   "client_level_noise_multiplier": self.plan.update_noise_multiplier}
-        if fraction is not None:
-            report["client_level_unclipped_fraction"] = float(fraction)
+        if noised_centred is not None:
+            report["client_level_unclipped_fraction"] = unclipped_fraction(noised_centred, m)
         return mean, report
+
+    def charge_unreleased(self, round: int) -> dict[str, Any]:
+        """Charge a round that released nothing (too few survivors) as the round it would
+        have been: the skip depends on who took part. The clip is kept."""
+        epsilon = self.ledger.record(self.plan.noise_multiplier, self.plan.sample_rate, 1,
+                                     round=round, max_grad_norm=self.clip)
+        return {"client_level_epsilon": epsilon, "client_level_clip": self.clip,
+                "client_level_noise_multiplier": self.plan.update_noise_multiplier,
+                "client_level_charged_unreleased": True}
 
     def aggregate(self, method: Method, state: GlobalState, updates: Sequence[ClientUpdate],
                   round: int) -> tuple[GlobalState, dict[str, Any]]:
@@ -117,12 +135,21 @@ class ClientLevelDP:
         add noise to the sum, divide by the expected cohort, aggregate the mean."""
         reference = named(method.uplink_reference(state, round), state.head)
         contributions = [named(u.factors, u.head) for u in updates]
-        total, unclipped, _ = self.clipped_sum(contributions, reference)
-        mean, report = self.release(total, unclipped, round)
+        total, centred, _ = self.clipped_sum(contributions, reference)
+        mean, report = self.release(total, centred, round)
         factors, head = split({k: reference[k].double() + v for k, v in mean.items()})
         return method.aggregate_mean(state, cast_like(factors, state), cast_head(head, state)), report
 
+    def threat_model(self) -> dict[str, Any] | None:
+        """Distributed DP's assumptions (None: trusted server)."""
+        t = self.config.min_survivors
+        if t is None:
+            return None
+        return distributed_dp_threat_model(t, self.config.colluding, self.config.cohort)
+
     def summary(self) -> dict[str, Any]:
+        threat = self.threat_model()
+        extra = {} if threat is None else {"client_level_threat_model": threat}
         return {
             "client_level_epsilon": self.ledger.epsilon_spent,
             "client_level_delta": self.config.delta,
@@ -130,6 +157,7 @@ class ClientLevelDP:
             "client_level_noise_multiplier": self.plan.noise_multiplier,
             "client_level_sample_rate": self.plan.sample_rate,
             "client_level_ledger": str(self.ledger.path),
+            **extra,
         }
 
 

@@ -21,7 +21,9 @@ def simulated_spend(cfg: dict[str, Any]) -> float | None:
     spent = []
     for path in Path(ledger_dir).glob("*.privacy.json"):
         try:
-            spent.append(float(json.loads(path.read_text(encoding="utf-8"))["epsilon_spent"]))
+            ledger = json.loads(path.read_text(encoding="utf-8"))
+            if str(ledger["federation"]).startswith("data-"):  # nodes' lifetime ledgers only
+                spent.append(float(ledger["epsilon_spent"]))
         except (OSError, ValueError, KeyError):
             continue  # a ledger being replaced this instant: the next round reads it
     return max(spent) if spent else None

@@ -11,7 +11,8 @@ the other side, task/secagg.py the protocol):
    self-mask seeds of the survivors, mask keys of the nodes that dropped before step 3.
 
 The server holds masked vectors and, after step 4, their sum: never one node's update.
-Fewer than t survivors at any stage: the round releases nothing (it is skipped).
+Fewer than t survivors at any stage: the round releases nothing (it is skipped; under
+client-level DP it is charged all the same, see secure_training.py).
 """
 
 from __future__ import annotations
@@ -54,12 +55,13 @@ class SecureRound:
     """Runs the four stages for one cohort."""
 
     def __init__(self, cfg: dict[str, Any], exchange: MessageExchange, job: dict[str, Any],
-                 threshold: int, init_round: bool = False):
+                 threshold: int, init_round: bool = False, noised: bool = False):
         sec = cfg["secagg"]
         self.clip_range = float(sec["clip_range"])
         # The init round's estimates get their own, finer precision (secagg.init_bits).
         self.bits = int(sec["init_bits"] if init_round else sec["bits"])
         self.threshold = threshold
+        self.noised = noised  # distributed DP: clients send grid values with noise
         self.exchange = exchange
         self.job = job
 
@@ -100,11 +102,11 @@ class SecureRound:
     def run(self, cohort: Sequence[NodeInfo], server_round: int,
             train_message: Callable[[NodeInfo], Message]) -> SecureOutcome:
         out = SecureOutcome()
-        params = self.params(len(cohort))
-        if len(cohort) < self.threshold:
+        if len(cohort) < self.threshold:  # before building params, which require n >= t
             out.reason = f"cohort of {len(cohort)} is below the threshold t = {self.threshold}"
             return out
-        server = SecAggServer(params, [secagg_id(n) for n in cohort])
+        params = self.params(len(cohort))
+        server = SecAggServer(params, [secagg_id(n) for n in cohort], noised=self.noised)
         ids = {secagg_id(n): n for n in cohort}
 
         keys = self._stage(cohort, server_round, msgs.PHASE_SECAGG_KEYS, lambda n: {}, params,

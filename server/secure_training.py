@@ -5,8 +5,11 @@ Without client-level DP each node's contribution is p_k (trained - start), p_k i
 of the cohort's released example counts (uniform when any count is withheld), and the
 server divides the sum by the survivors' sum of p_k: the weighted mean of the survivors,
 as without secure aggregation, up to the quantization bound. With client-level DP every
-node clips to C, adds its share of the noise (distributed DP) and scales by 1/m: the sum
-is the released, noised mean, charged to the server's ledger.
+node clips to C, scales by 1/m, rounds onto the ring's grid and adds its discrete Gaussian
+share of the noise, sized so that the honest clients among any t survivors (at most c
+collude with the server) carry the calibrated noise (privacy/client_level.py): the sum is
+the released, noised mean, charged to the server's ledger. A round that releases nothing
+(fewer than t survivors) is charged too: whether it is skipped depends on who took part.
 """
 
 from __future__ import annotations
@@ -19,7 +22,14 @@ from flwr.app import ConfigRecord, Message, MessageType
 
 from fedlora.aggregation import ClientUpdate, GlobalState
 from fedlora.task import messages as msgs
-from fedlora.task.secure_sum import UNCLIPPED, Layout, named, secagg_threshold, split
+from fedlora.task.secure_sum import (
+    UNCLIPPED,
+    Layout,
+    distributed_instructions,
+    named,
+    secagg_threshold,
+    split,
+)
 
 from .client_dp import cast_head, cast_like
 from .intake import RoundOutcome, contribution_metrics, released_metrics
@@ -38,7 +48,8 @@ class SecureTraining:
 
     def _driver(self, init_round: bool = False) -> SecureRound:
         s = self.strategy
-        return SecureRound(s.cfg, s.exchange, s._job(), self.threshold, init_round)
+        noised = s.client_dp is not None and not init_round
+        return SecureRound(s.cfg, s.exchange, s._job(), self.threshold, init_round, noised)
 
     def _weights(self, cohort: list[NodeInfo]) -> dict[int, float]:
         s = self.strategy
@@ -50,23 +61,22 @@ class SecureTraining:
             return {n.node_id: n.examples / total for n in cohort}  # type: ignore[operator]
         return {n.node_id: 1.0 / len(cohort) for n in cohort}
 
-    def _instructions(self) -> dict[str, Any]:
-        dp = self.strategy.client_dp
+    def _instructions(self, server_round: int) -> dict[str, Any]:
+        s = self.strategy
+        dp = s.client_dp
         if dp is None:
             return {}
-        out = {"secagg-clip": dp.clip,
-               "secagg-noise-std": dp.plan.client_noise_std(dp.clip, self.threshold)}
-        if dp.config.adaptive:
-            out.update({"secagg-unclipped": True,
-                        "secagg-count-noise-std": dp.plan.count_noise / self.threshold ** 0.5})
-        return out
+        reference = named(s.method.uplink_reference(s.state, server_round), s.state.head)
+        size = Layout.of_named(reference).size
+        step = self._driver().params(max(dp.config.cohort, self.threshold, 2)).step
+        return distributed_instructions(dp.config, dp.plan, dp.clip, size, step)
 
     def train_round(self, server_round: int, cohort: list[NodeInfo]
                     ) -> tuple[RoundOutcome, dict[int, int], bool]:
         """(outcome, bytes down per node, skipped)."""
         s = self.strategy
         weights = self._weights(cohort)
-        extra = self._instructions()
+        extra = self._instructions(server_round) if s.client_dp is not None else {}
         bytes_down: dict[int, int] = {}
 
         def message(info: NodeInfo) -> Message:
@@ -85,14 +95,24 @@ class SecureTraining:
         if result.total is None or len(result.survivors) < minimum:
             s.state = GlobalState(server_round, before.factors, before.head, before.meta)
             self._log(server_round, result, None)
+            if s.client_dp is not None:
+                s._round_report.update(s.client_dp.charge_unreleased(server_round))
+                s.progress.line(f"round {server_round}: charged to the client-level ledger "
+                                "although nothing was released (a skip depends on who took "
+                                "part)")
             return outcome, bytes_down, True
         reference = named(s.method.uplink_reference(before, server_round), before.head)
         adaptive = s.client_dp is not None and s.client_dp.config.adaptive
         layout = Layout.of_named(reference, unclipped=adaptive)
         total = layout.unflatten(result.total)
         if s.client_dp is not None:
-            fraction = float(total[UNCLIPPED]) if adaptive else None
-            mean, report = s.client_dp.release(total, fraction, server_round, noised=True)
+            # The count coordinate carries kappa (sum_k (b_k - 1/2) + noise) / m.
+            centred = (float(total[UNCLIPPED]) * s.client_dp.config.cohort
+                       / float(extra["secagg-count-scale"]) if adaptive else None)
+            mean, report = s.client_dp.release(total, centred, server_round, noised=True)
+            report["client_level_rounded_sensitivity"] = (
+                float(extra["secagg-norm-bound"]) * float(extra["secagg-grid-step"])
+                * s.client_dp.config.cohort)
             s._round_report.update(report)
             share = 1.0
         else:

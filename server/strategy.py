@@ -46,7 +46,7 @@ from .exchange import MessageExchange, NodeInfo
 from .intake import RoundOutcome, collect, released_weights
 from .optimizer import ServerOptimizer
 from .progress import Progress
-from .report import MetricsLog
+from .report import MetricsLog, simulated_spend
 from .secure_training import SecureTraining
 
 _log = logging.getLogger(__name__)
@@ -108,6 +108,8 @@ class FedLoraStrategy:
             if reply.has_error():
                 continue
             metrics = reply.content.metric_records[msgs.METRICS]
+            if float(metrics.get("refused", 0.0)) or "num-examples" not in metrics:
+                continue  # a node whose policy keeps its evaluation results to itself
             weight = float(metrics["num-examples"])
             total += weight
             loss += weight * float(metrics["eval-loss"])
@@ -181,7 +183,7 @@ class FedLoraStrategy:
             **self._round_report,
         }
         epsilons = [c["epsilon"] for c in outcome.clients if c.get("epsilon") is not None]
-        row["epsilon_max"] = max(epsilons) if epsilons else None
+        row["epsilon_max"] = max(epsilons) if epsilons else simulated_spend(self.cfg)
         row.update(self._evaluate(server_round))
         row["wall_seconds"] = time.perf_counter() - started
         self.metrics.append(row)

@@ -169,7 +169,8 @@ def client_level_statement(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "protects": ("everything one client contributes, against anyone who sees the global "
                      "models: other clients, users of the final adapter"
                      + ("; the server sees only the masked sum (distributed DP: the clients "
-                        "add the noise before secure aggregation)" if secure else
+                        "add the noise before secure aggregation; the collusion and server "
+                        "assumptions are in client_level_threat_model)" if secure else
                         "; NOT against the server, which sees each update before adding the "
                         "noise (trusted server)")),
         "sampling": ("Poisson, q = clients_per_round / num_clients (amplification counted)"

@@ -149,13 +149,18 @@ class SecAggClient:
         return out
 
     def masked_input(self, vector: np.ndarray, ciphertexts: dict[int, bytes]) -> np.ndarray:
-        """Stage 3: decrypt the shares addressed to me; return y_u (uint64, values < M)."""
+        """Stage 3: decrypt the shares addressed to me; return y_u (uint64, values < M).
+
+        A float vector is quantized here; an int64 vector is taken as already on the grid
+        (distributed DP rounds and noises it itself) and only reduced mod M."""
         self._expect("shared", "masked_input")
         p = self.params
         x = np.asarray(vector)
-        if x.ndim != 1 or not x.size or x.dtype.kind != "f" or not np.isfinite(x).all():
-            raise ValueError(f"masked_input: need a non-empty 1-D finite float vector, got "
-                             f"shape {x.shape} dtype {x.dtype}")
+        on_grid = x.dtype == np.int64
+        if x.ndim != 1 or not x.size or not (on_grid or (x.dtype.kind == "f"
+                                                         and np.isfinite(x).all())):
+            raise ValueError(f"masked_input: need a non-empty 1-D finite float vector (or int64 "
+                             f"grid values), got shape {x.shape} dtype {x.dtype}")
         srcs = _ids(ciphertexts, "masked_input")
         if unknown := srcs - (set(self._public_keys) - {self.my_id}):
             raise ValueError(f"masked_input: ciphertexts from outsiders {sorted(unknown)}")
@@ -178,7 +183,8 @@ class SecAggClient:
                 raise ValueError(f"client {self.my_id}: share labelled {src}->{self.my_id} "
                                  f"is really {real_src}->{dst} (misrouted)")
             got[src] = (b_sh, sk_sh)
-        y = quantize_vector(p, x) + mask_prg(self._b_seed, b"self", x.size, p.modulus)
+        q = (x.view(np.uint64) & np.uint64(p.modulus - 1)) if on_grid else quantize_vector(p, x)
+        y = q + mask_prg(self._b_seed, b"self", x.size, p.modulus)
         s_sk = asym.bytes_to_private_key(self._s_sk)
         for v in sorted(srcs):  # pairwise masks with every v that shared with me (= U1)
             mask = _pair_mask(s_sk, self._public_keys[v][1], x.size, p.modulus)
@@ -260,8 +266,9 @@ class SecAggClient:
 class SecAggServer:
     """The server's side of one round: routing, bookkeeping of U0/U1/S/D, and unmasking."""
 
-    def __init__(self, params: SecAggParams, ids: Sequence[int]) -> None:
+    def __init__(self, params: SecAggParams, ids: Sequence[int], *, noised: bool = False) -> None:
         self.params = params
+        self.noised = noised  # inputs carry noise on the grid: the sum may leave [-nL, nL]
         self.ids = _ids(ids, "SecAggServer")
         if len(self.ids) != len(ids) or not params.threshold <= len(self.ids) <= params.num_clients:
             raise ValueError(f"SecAggServer: need between t={params.threshold} and "
@@ -360,7 +367,7 @@ class SecAggServer:
             for u in alive:  # u added +PRG(s_ud) if d > u, else -PRG(s_ud): undo it
                 mask = _pair_mask(sk, self.keys[u][1], total.size, p.modulus)
                 total = total - mask if d > u else total + mask
-        return dequantize_sum(p, total & mod_mask, len(alive))
+        return dequantize_sum(p, total & mod_mask, len(alive), check_range=not self.noised)
 
     def _combine(self, parts: list[bytes], size: int, what: str) -> bytes:
         try:  # exactly t shares: interpolation costs O(k^2), extra shares add nothing

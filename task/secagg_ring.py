@@ -104,11 +104,16 @@ def quantize_vector(params: SecAggParams, vector: np.ndarray) -> np.ndarray:
     return q.view(np.uint64) & np.uint64(params.modulus - 1)
 
 
-def dequantize_sum(params: SecAggParams, q_sum: np.ndarray, count: int) -> np.ndarray:
-    """The float64 sum of ``count`` vectors from their quantized sum mod M."""
+def dequantize_sum(params: SecAggParams, q_sum: np.ndarray, count: int, *,
+                   check_range: bool = True) -> np.ndarray:
+    """The float64 sum of ``count`` vectors from their quantized sum mod M.
+
+    ``check_range=False`` for inputs the clients quantized themselves with noise added on
+    the grid (distributed DP): they may leave [-L, L], and a sum outside [-M/2, M/2) wraps,
+    which is post-processing of the sum mod M, not a corruption to detect."""
     signed = q_sum.astype(np.int64)  # < M <= 2^53: fits
     signed[signed >= params.modulus // 2] -= params.modulus
-    if signed.size and int(np.abs(signed).max()) > count * params.half_levels:
+    if check_range and signed.size and int(np.abs(signed).max()) > count * params.half_levels:
         raise ValueError("unmask: the unmasked sum is out of range; shares or masked "
                          "vectors are corrupt")
     return signed.astype(np.float64) * params.step

@@ -20,7 +20,12 @@ import numpy as np
 import torch
 
 from fedlora.aggregation import HEAD_PREFIX, SEP, Factors
-from fedlora.privacy.client_level import ClientLevelConfig
+from fedlora.privacy.client_level import (
+    ClientLevelConfig,
+    ClientLevelPlan,
+    check_discrete_noise,
+    rounded_norm_bound,
+)
 
 # The extra coordinate that carries b_k / m (adaptive clipping's unclipped indicator).
 UNCLIPPED = "__unclipped__"
@@ -42,7 +47,42 @@ def client_level_config(cfg: Mapping[str, Any]) -> ClientLevelConfig | None:
         clip_lr=float(section.get("clip_lr", 0.2)),
         count_noise=None if section.get("count_noise") is None else float(section["count_noise"]),
         min_survivors=secagg_threshold(cfg) if cfg.get("secure_aggregation") else None,
+        max_colluding=_optional_int(section.get("max_colluding"),
+                                    "privacy.client_level.max_colluding"),
     )
+
+
+def _optional_int(value: Any, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer >= 0 or null, got {value!r}")
+    return value
+
+
+def distributed_instructions(config: ClientLevelConfig, dp_plan: ClientLevelPlan, clip: float,
+                             size: int, step: float) -> dict[str, Any]:
+    """What each client of a distributed-DP round needs (client/contribution.py applies it).
+
+    Contribution x = [Delta / m, kappa (b - 1/2) / m] (the count only with adaptive
+    clipping), ||x|| <= N = sqrt(C^2 + kappa^2 / 4) / m; on the grid of step g it is rounded
+    to norm <= R = rounded_norm_bound(N / g, d) and gets N_Z(0, sigma^2) with
+    sigma = z R / sqrt(t - c) (grid steps). ``size``: coordinates of the update alone."""
+    t = config.min_survivors
+    if t is None:
+        raise ValueError("distributed DP needs secure aggregation (min_survivors)")
+    m = config.cohort
+    out: dict[str, Any] = {"secagg-clip": clip, "secagg-grid-step": step}
+    norm, dim = clip / m, size
+    if config.adaptive:
+        kappa = dp_plan.count_scale(clip)
+        norm, dim = math.hypot(clip, kappa / 2.0) / m, size + 1
+        out.update({"secagg-unclipped": True, "secagg-count-scale": kappa})
+    bound = rounded_norm_bound(norm / step, dim)
+    sigma = dp_plan.client_noise_std(bound, t, config.colluding)
+    check_discrete_noise(sigma)
+    out.update({"secagg-norm-bound": bound, "secagg-noise-std": sigma})
+    return out
 
 
 def secagg_threshold(cfg: Mapping[str, Any]) -> int:

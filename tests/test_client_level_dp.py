@@ -42,9 +42,11 @@ def test_adaptive_clipping_pays_for_its_count_with_more_update_noise() -> None:
     assert z_u > z and fixed.update_noise_multiplier == fixed.noise_multiplier
     with pytest.raises(ValueError, match="count noise"):
         plan(_config(adaptive=True, count_noise=0.01))
-    # The clip moves toward the target quantile of the norms.
+    # The clip moves toward the target quantile of the norms; the count is centred: with
+    # m = 10, sum (b - 1/2) = 4 means 9 of 10 unclipped, -4 means 1 of 10.
     cfg = _config(adaptive=True, target_quantile=0.5, clip_lr=0.2)
-    assert next_clip(1.0, 9.0, cfg) < 1.0 < next_clip(1.0, 1.0, cfg)
+    assert next_clip(1.0, 4.0, cfg) < 1.0 < next_clip(1.0, -4.0, cfg)
+    assert next_clip(1.0, 0.0, cfg) == pytest.approx(1.0)
 
 
 def test_clip_bounds_the_whole_update_norm() -> None:
@@ -80,8 +82,9 @@ def test_clipped_sum_uses_the_difference_from_the_reference(tmp_path) -> None:
     dp = ClientLevelDP(_config(clip=1.0), tmp_path, "fed")
     ref = {"w": torch.ones(4, dtype=torch.float64)}
     updates = [{"w": torch.ones(4) + 10.0}, {"w": torch.ones(4) + 0.1}]
-    total, unclipped, norms = dp.clipped_sum(updates, ref)
-    assert norms == pytest.approx([20.0, 0.2]) and unclipped == 1
+    total, centred, norms = dp.clipped_sum(updates, ref)
+    # One clipped, one not: the centred count is (-1/2) + (+1/2).
+    assert norms == pytest.approx([20.0, 0.2]) and centred == 0.0
     assert float(total["w"].norm()) == pytest.approx(1.0 + 0.2)
 
 
