@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedlora.privacy.csprng import SeededRandomness
 from fedlora.privacy import DPSettings, run_private_round
+from fedlora.privacy.csprng import SeededRandomness
 
 from .test_privacy_training import ledger_for, make_tiny, sgd, tiny_data, tiny_forward
 

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedlora.privacy.csprng import SeededRandomness
 from fedlora.privacy import (
     BudgetExhausted,
     DPSettings,
@@ -21,6 +20,7 @@ from fedlora.privacy import (
     run_private_round,
 )
 from fedlora.privacy.common import per_sample_loss
+from fedlora.privacy.csprng import SeededRandomness
 
 VOCAB, DIM, CLASSES, SEQ = 50, 8, 3, 6
 
