@@ -57,6 +57,7 @@ REFUSAL_CODES: dict[str, str] = {
     "node-config": "the node is not configured for DP (see the node's log)",
     "invalid-delta": "delta must be below 1/N for the node's data",
     "invalid-batch": "the job's batch does not fit the node's data",
+    "invalid-partition": "the job's partitioning does not fit the node's data",
     "secure-round-already-masked": "this round's masks already covered another update",
     "client-error": "the node failed; details stay in the node's log",
 }

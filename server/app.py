@@ -20,9 +20,9 @@ from fedlora.task.release import client_level_statement, privacy_statement
 
 from .client_dp import LEDGER_NODE as CLIENT_LEVEL_NODE
 from .evaluation import CentralEvaluator
+from .loop import FederationLoop
 from .progress import Progress
 from .report import plot, summarize, summary_table, write_json_atomic
-from .strategy import FedLoraStrategy
 
 _log = logging.getLogger(__name__)
 
@@ -75,15 +75,15 @@ def run_server(grid: Grid, cfg: dict[str, Any], *, resume: bool = False) -> dict
     method = get_method(strategy_cfg["name"], weighting=strategy_cfg["weighting"],
                         **dict(strategy_cfg.get("options") or {}))
     evaluator = CentralEvaluator(cfg)
-    strategy = FedLoraStrategy(cfg, method, evaluator, run_dir,
+    loop = FederationLoop(cfg, method, evaluator, run_dir,
                                progress=Progress(int(cfg["federation"]["rounds"])))
-    state = strategy.run(grid, resume=resume)
+    state = loop.run(grid, resume=resume)
     ranks = evaluator.export(method, state, run_dir / "adapter")
     extra: dict[str, Any] = {
         "adapter_ranks": ranks,
         # Every export is the global delta U V itself (B = U, A = V): no truncation error.
         "export_error": 0.0,
-        "init_bytes_up": strategy.init_bytes_up,
+        "init_bytes_up": loop.init_bytes_up,
         "num_clients": int(cfg["federation"]["num_clients"]),
     }
     if cfg["privacy"].get("enabled"):
@@ -94,15 +94,13 @@ def run_server(grid: Grid, cfg: dict[str, Any], *, resume: bool = False) -> dict
         if replay is not None:
             extra["epsilon_replay_max"] = replay
             extra.setdefault("epsilon_max", replay)
-    if strategy.client_dp is not None:
-        extra.update(strategy.client_dp.summary())
+    extra.update(loop.aggregation.summary())
+    if loop.client_dp is not None:
         extra["client_level_statement"] = client_level_statement(cfg)
-    if cfg.get("secure_aggregation"):
-        extra["secure_aggregation"] = strategy.secure_summary()
-    summary = summarize(strategy.metrics.rows, method.name, extra)
+    summary = summarize(loop.metrics.rows, method.name, extra)
     write_json_atomic(run_dir / "summary.json", summary)
-    plot(strategy.metrics.rows, run_dir)
-    strategy.progress.line("finished; run directory " + str(run_dir) + "\n" + summary_table(summary))
+    plot(loop.metrics.rows, run_dir)
+    loop.progress.line("finished; run directory " + str(run_dir) + "\n" + summary_table(summary))
     return summary
 
 

@@ -15,10 +15,10 @@ the released, noised mean, charged to the server's ledger. A round that releases
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Message, MessageType
+from flwr.app import ConfigRecord, Message
 
 from fedlora.aggregation import ClientUpdate, GlobalState
 from fedlora.task import messages as msgs
@@ -27,146 +27,140 @@ from fedlora.task.secure_sum import (
     Layout,
     distributed_instructions,
     named,
-    secagg_threshold,
     split,
 )
 
-from .client_dp import cast_head, cast_like
+from .client_dp import ClientLevelDP, cast_head, cast_like
+from .exchange import NodeInfo
 from .intake import RoundOutcome, contribution_metrics, released_metrics
+from .rounds import Federation, RoundResult
 from .secure_round import SecureOutcome, SecureRound
 
-if TYPE_CHECKING:
-    from .exchange import NodeInfo
-    from .strategy import FedLoraStrategy
 
+class SecureAggregationRound:
+    """A RoundAggregation (rounds.py) whose updates reach the server only as a masked sum."""
 
-class SecureTraining:
-    def __init__(self, strategy: FedLoraStrategy):
-        self.strategy = strategy
-        self.threshold = secagg_threshold(strategy.cfg)
+    def __init__(self, threshold: int, min_clients: int, client_dp: ClientLevelDP | None):
+        self.threshold = int(threshold)
+        self.min_clients = int(min_clients)
+        self.client_dp = client_dp
         self.rounds: list[dict[str, Any]] = []
 
-    def _driver(self, init_round: bool = False) -> SecureRound:
-        s = self.strategy
-        noised = s.client_dp is not None and not init_round
-        return SecureRound(s.cfg, s.exchange, s._job(), self.threshold, init_round, noised)
+    def _driver(self, fed: Federation, init_round: bool = False) -> SecureRound:
+        noised = self.client_dp is not None and not init_round
+        return SecureRound(fed.cfg, fed.exchange, fed.job(), self.threshold, init_round, noised)
 
-    def _weights(self, cohort: list[NodeInfo]) -> dict[int, float]:
-        s = self.strategy
-        if s.client_dp is not None:
-            return {n.node_id: 1.0 / s.client_dp.config.cohort for n in cohort}
+    def _weights(self, fed: Federation, cohort: list[NodeInfo]) -> dict[int, float]:
+        if self.client_dp is not None:
+            return {n.node_id: 1.0 / self.client_dp.config.cohort for n in cohort}
         counts = [n.examples for n in cohort]
-        if s.method.weighting == "examples" and all(c for c in counts):
+        if fed.method.weighting == "examples" and all(c for c in counts):
             total = float(sum(counts))  # type: ignore[arg-type]
             return {n.node_id: n.examples / total for n in cohort}  # type: ignore[operator]
         return {n.node_id: 1.0 / len(cohort) for n in cohort}
 
-    def _instructions(self, server_round: int) -> dict[str, Any]:
-        s = self.strategy
-        dp = s.client_dp
+    def _instructions(self, fed: Federation, server_round: int) -> dict[str, Any]:
+        dp = self.client_dp
         if dp is None:
             return {}
-        reference = named(s.method.uplink_reference(s.state, server_round), s.state.head)
+        reference = named(fed.method.uplink_reference(fed.state, server_round), fed.state.head)
         size = Layout.of_named(reference).size
-        step = self._driver().params(max(dp.config.cohort, self.threshold, 2)).step
+        step = self._driver(fed).params(max(dp.config.cohort, self.threshold, 2)).step
         return distributed_instructions(dp.config, dp.plan, dp.clip, size, step)
 
-    def train_round(self, server_round: int, cohort: list[NodeInfo]
-                    ) -> tuple[RoundOutcome, dict[int, int], bool]:
-        """(outcome, bytes down per node, skipped)."""
-        s = self.strategy
-        weights = self._weights(cohort)
-        extra = self._instructions(server_round) if s.client_dp is not None else {}
+    def train_round(self, fed: Federation, server_round: int,
+                    cohort: list[NodeInfo]) -> RoundResult:
+        weights = self._weights(fed, cohort)
+        extra = self._instructions(fed, server_round)
         bytes_down: dict[int, int] = {}
 
         def message(info: NodeInfo) -> Message:
-            m = s._message(info, server_round, msgs.PHASE_TRAIN, MessageType.TRAIN)
-            bytes_down[info.node_id] = s._sent_bytes[info.node_id]
+            m, size = fed.train_message(info, server_round)
+            bytes_down[info.node_id] = size
             record = m.content.config_records[msgs.CONFIG]
             record["secagg-scale"] = weights[info.node_id]
             for key, value in extra.items():
                 record[key] = value
             return m
 
-        result = self._driver().run(cohort, server_round, message)
-        outcome = self._outcome(result)
-        before = s.state
-        minimum = max(int(s.fed["min_clients"]), self.threshold)
+        result = self._driver(fed).run(cohort, server_round, message)
+        outcome = self._outcome(fed, result)
+        report: dict[str, Any] = {}
+        before = fed.state
+        minimum = max(self.min_clients, self.threshold)
         if result.total is None or len(result.survivors) < minimum:
-            s.state = GlobalState(server_round, before.factors, before.head, before.meta)
-            self._log(server_round, result, None)
-            if s.client_dp is not None:
-                s._round_report.update(s.client_dp.charge_unreleased(server_round))
-                s.progress.line(f"round {server_round}: charged to the client-level ledger "
-                                "although nothing was released (a skip depends on who took "
-                                "part)")
-            return outcome, bytes_down, True
-        reference = named(s.method.uplink_reference(before, server_round), before.head)
-        adaptive = s.client_dp is not None and s.client_dp.config.adaptive
+            report["secure_aggregation"] = self._log(fed, server_round, result, None)
+            if self.client_dp is not None:
+                report.update(self.client_dp.charge_unreleased(server_round))
+                fed.progress.line(f"round {server_round}: charged to the client-level ledger "
+                                  "although nothing was released (a skip depends on who took "
+                                  "part)")
+            return RoundResult(outcome, bytes_down, None, None, report)
+        reference = named(fed.method.uplink_reference(before, server_round), before.head)
+        adaptive = self.client_dp is not None and self.client_dp.config.adaptive
         layout = Layout.of_named(reference, unclipped=adaptive)
         total = layout.unflatten(result.total)
-        if s.client_dp is not None:
+        if self.client_dp is not None:
             # The count coordinate carries kappa (sum_k (b_k - 1/2) + noise) / m.
-            centred = (float(total[UNCLIPPED]) * s.client_dp.config.cohort
+            centred = (float(total[UNCLIPPED]) * self.client_dp.config.cohort
                        / float(extra["secagg-count-scale"]) if adaptive else None)
-            mean, report = s.client_dp.release(total, centred, server_round, noised=True)
-            report["client_level_rounded_sensitivity"] = (
+            mean, dp_report = self.client_dp.release(total, centred, server_round, noised=True)
+            dp_report["client_level_rounded_sensitivity"] = (
                 float(extra["secagg-norm-bound"]) * float(extra["secagg-grid-step"])
-                * s.client_dp.config.cohort)
-            s._round_report.update(report)
+                * self.client_dp.config.cohort)
+            report.update(dp_report)
             share = 1.0
         else:
             share = sum(weights[n.node_id] for n in result.survivors)
             mean = {k: v / share for k, v in total.items()}
         factors, head = split({k: reference[k].double() + mean[k] for k in reference})
-        averaged = s.method.aggregate_mean(before, cast_like(factors, before),
-                                           cast_head(head, before))
-        s.state = s.server_optimizer.step(before, averaged)
+        averaged = fed.method.aggregate_mean(before, cast_like(factors, before),
+                                             cast_head(head, before))
         # Quantization error of the released mean, per coordinate (task/secagg.py).
-        bound = self._driver().params(len(cohort)).sum_error_bound(len(result.survivors))
-        self._log(server_round, result, bound / share)
-        return outcome, bytes_down, False
+        bound = self._driver(fed).params(len(cohort)).sum_error_bound(len(result.survivors))
+        report["secure_aggregation"] = self._log(fed, server_round, result, bound / share)
+        return RoundResult(outcome, bytes_down, averaged, None, report)
 
-    def init_round(self, cohort: list[NodeInfo], message: Callable[[NodeInfo], Message]
-                   ) -> tuple[GlobalState | None, SecureOutcome]:
+    def init_round(self, fed: Federation, cohort: list[NodeInfo],
+                   message: Callable[[NodeInfo], Message]) -> tuple[GlobalState, int, str]:
         """The method's init round through secure aggregation: the mean of what clients
         send (e.g. Fed-SB's gradient estimates), as init_from_updates needs."""
-        s = self.strategy
-        weights = self._weights(cohort)
+        weights = self._weights(fed, cohort)
 
         def build(info: NodeInfo) -> Message:
             m = message(info)
-            # The init messages share one ConfigRecord: give each node its own copy, or
-            # every node would read the last node's weight.
+            # Each node its own ConfigRecord: a shared one would carry the last weight.
             record = ConfigRecord(dict(m.content.config_records[msgs.CONFIG]))
             record["secagg-scale"] = weights[info.node_id]
             m.content.config_records[msgs.CONFIG] = record
             return m
 
-        driver = self._driver(init_round=True)
+        driver = self._driver(fed, init_round=True)
         result = driver.run(cohort, 0, build)
         share = sum(weights[n.node_id] for n in result.survivors)
-        self._log(0, result, driver.params(len(cohort)).sum_error_bound(len(result.survivors))
-                  / share if result.survivors else None)
+        self._log(fed, 0, result, driver.params(len(cohort)).sum_error_bound(
+            len(result.survivors)) / share if result.survivors else None)
         if result.total is None:
-            return None, result
+            raise RuntimeError(f"{fed.method.name} init round under secure aggregation "
+                               f"released nothing: {result.reason}")
         zeros = {m: {r: torch.zeros(shape, dtype=torch.float64)
-                     for r in s.method.init_round_roles}
-                 for m, shape in s.spec.shapes.items()}
+                     for r in fed.method.init_round_roles}
+                 for m, shape in fed.spec.shapes.items()}
         layout = Layout.of(zeros, {})
         factors, _ = split({k: v / share for k, v in layout.unflatten(result.total).items()})
         mean = ClientUpdate(factors=cast_like(factors, None), num_examples=1,
-                            scaling=s.spec.scaling, node="mean of the init round")
-        return s.method.init_from_updates(s.spec, [mean], head=s.evaluator.initial_head), result
+                            scaling=fed.spec.scaling, node="mean of the init round")
+        state = fed.method.init_from_updates(fed.spec, [mean], head=fed.initial_head)
+        line = (f"{fed.method.name} init round (secure aggregation): "
+                f"{len(result.survivors)} contributions summed")
+        return state, result.bytes_up, line
 
-    def _outcome(self, result: SecureOutcome) -> RoundOutcome:
+    def _outcome(self, fed: Federation, result: SecureOutcome) -> RoundOutcome:
         outcome = RoundOutcome(bytes_up=result.bytes_up)
-        s = self.strategy
         for reply in result.replies:
             if reply.has_error():  # SecureRound listed it among the dropped
                 continue
-            info = s.nodes.get(reply.metadata.src_node_id)
-            name = info.name if info else str(reply.metadata.src_node_id)
+            name = fed.node_name(reply.metadata.src_node_id)
             metrics = contribution_metrics(reply, name, "secure round", outcome)
             if metrics is None:
                 continue
@@ -176,7 +170,8 @@ class SecureTraining:
         outcome.lost.extend(result.dropped)
         return outcome
 
-    def _log(self, server_round: int, result: SecureOutcome, bound: float | None) -> None:
+    def _log(self, fed: Federation, server_round: int, result: SecureOutcome,
+             bound: float | None) -> dict[str, Any]:
         row = {"round": server_round, "survivors": len(result.survivors),
                "dropped": result.dropped, "released": result.total is not None,
                "reason": result.reason, "bytes_up": result.bytes_up,
@@ -184,11 +179,13 @@ class SecureTraining:
                "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
                "mean_error_bound": bound}
         self.rounds.append(row)
-        self.strategy._round_report["secure_aggregation"] = row
         if result.reason:
-            self.strategy.progress.line(f"round {server_round}: secure aggregation released "
-                                        f"nothing: {result.reason}")
+            fed.progress.line(f"round {server_round}: secure aggregation released "
+                              f"nothing: {result.reason}")
+        return row
 
     def summary(self) -> dict[str, Any]:
-        return {"threshold": self.threshold, "rounds": self.rounds}
-
+        out = {"secure_aggregation": {"threshold": self.threshold, "rounds": self.rounds}}
+        if self.client_dp is not None:
+            out.update(self.client_dp.summary())
+        return out

@@ -14,6 +14,7 @@ from fedlora.privacy import ACCOUNTANTS, GRAD_SAMPLE_MODES
 from fedlora.protos import WIRE_DTYPES
 
 from .models import POOLINGS
+from .partition import partition_problems, size_problems
 from .secagg_ring import MAX_BITS, check_sum_fits
 from .training import LRSchedule, ServerOptimizerConfig
 
@@ -114,8 +115,11 @@ def validate(cfg: Mapping[str, Any]) -> None:
          f"data.source must be one of {DATA_SOURCES}, got {data.get('source')!r}")
     if data.get("source") in ("csv", "jsonl", "disk"):
         path = data.get("path")
-        need(path not in (None, "???") and Path(str(path)).expanduser().exists(),
-             f"data.path {path!r} does not exist")
+        if path in (None, "", "???"):
+            problems.append(f"data={data.get('source')} needs data.path: the file to read "
+                            f"(e.g. data.path=/data/train.{data.get('source')})")
+        else:
+            need(Path(str(path)).expanduser().exists(), f"data.path={path} does not exist")
     if data.get("source") != "synthetic":
         fraction = number("data", "test_fraction", 0, above=True)
         need(fraction is None or fraction < 1, f"data.test_fraction must be < 1, got {fraction}")
@@ -155,6 +159,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
              f"{privacy.get('grad_sample_mode')!r}")
 
     problems.extend(_secure_sum_problems(cfg))
+    problems.extend(partition_problems(cfg))
     need(cfg.get("wire_dtype") in WIRE_DTYPES,
          f"wire_dtype must be one of {WIRE_DTYPES}, got {cfg.get('wire_dtype')!r}")
     device = str(cfg.get("device"))
@@ -245,21 +250,8 @@ def _secure_sum_problems(cfg: Mapping[str, Any]) -> list[str]:
 
 
 def validate_data(cfg: Mapping[str, Any], partition_sizes: list[int]) -> None:
-    """Checks that need the data: DP's delta < 1/N_k and batch sizes that fit the clients."""
-    problems = []
-    smallest = min(partition_sizes)
-    if cfg["privacy"].get("enabled"):
-        delta = float(cfg["privacy"]["delta"])
-        if delta >= 1.0 / smallest:
-            problems.append(
-                f"privacy.delta ({delta:g}) must be < 1/N_k for every client; the smallest "
-                f"client holds N_k = {smallest} examples (1/N_k = {1.0 / smallest:.3g})"
-            )
-    batch = int(cfg["strategy"]["batch_size"])
-    if cfg["strategy"].get("sample_rate") is None and batch > smallest:
-        problems.append(
-            f"strategy.batch_size ({batch}) exceeds the smallest client's {smallest} examples"
-        )
+    """Checks that need the data: sample-level DP's delta and batch rules per client."""
+    problems = size_problems(cfg, partition_sizes)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 

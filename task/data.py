@@ -8,7 +8,6 @@ happens in :func:`fedlora.task.training.forward`). Tokenized data is cached per 
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import json
 import logging
@@ -17,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import Subset, TensorDataset
 
@@ -63,6 +61,10 @@ def load_data(
 
 def _build(data_cfg, model_cfg, vocab_size) -> TokenizedData:
     task = model_cfg["task"]
+    if data_cfg.get("kind") == "instruct":  # instruction tuning (task/instruct.py), capped there
+        from .instruct import build_instruct
+
+        return build_instruct(data_cfg, model_cfg)
     if data_cfg["source"] == "synthetic":
         data = _synthetic(data_cfg, task, int(vocab_size or 512))
     else:
@@ -90,11 +92,16 @@ def _read_raw(data_cfg, task: str) -> RawText:
     elif source in ("csv", "jsonl", "disk"):
         texts, labels, names = _read_table(data_cfg, data_cfg["path"], task)
         if data_cfg.get("test_path"):
-            test_texts, test_labels, _ = _read_table(data_cfg, data_cfg["test_path"], task, names)
+            test_texts, test_labels, _ = _read_table(data_cfg, data_cfg["test_path"], task, names,
+                                                     key="data.test_path")
             return RawText(texts, labels, test_texts, test_labels, names)
     else:
         raise ValueError(f"unknown data.source {source!r}")
-    return _split(texts, labels, names, float(data_cfg["test_fraction"]), int(data_cfg["split_seed"]))
+    try:
+        return _split(texts, labels, names, float(data_cfg["test_fraction"]),
+                      int(data_cfg["split_seed"]))
+    except ValueError as exc:
+        raise ValueError(f"{data_cfg.get('path') or source}: {exc}") from exc
 
 
 def _bbc_news() -> tuple[list[str], list[int], list[str]]:
@@ -111,41 +118,11 @@ def _bbc_news() -> tuple[list[str], list[int], list[str]]:
     return texts, labels, names
 
 
-def _read_table(data_cfg, path, task: str, names: list[str] | None = None):
-    path = Path(str(path)).expanduser()
-    text_col, label_col = data_cfg["text_column"], data_cfg["label_column"]
-    source = data_cfg["source"]
-    if not path.exists():
-        raise ValueError(f"data.path {path} does not exist")
-    if source == "csv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
-    elif source == "jsonl":
-        with path.open(encoding="utf-8") as handle:
-            rows = [json.loads(line) for line in handle if line.strip()]
-    else:
-        import datasets
+def _read_table(data_cfg, path, task: str, names: list[str] | None = None,
+                key: str = "data.path"):
+    from .tables import read_table
 
-        loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.DatasetDict):
-            loaded = loaded["train"]
-        rows = list(loaded)
-    if not rows:
-        raise ValueError(f"{path} holds no rows")
-    if text_col not in rows[0]:
-        raise ValueError(f"{path} has no column {text_col!r} (columns: {sorted(rows[0])})")
-    texts = [str(row[text_col]) for row in rows]
-    if task == "causal_lm":
-        return texts, None, []
-    if label_col not in rows[0]:
-        raise ValueError(f"{path} has no label column {label_col!r} (columns: {sorted(rows[0])})")
-    raw_labels = [str(row[label_col]) for row in rows]
-    names = names or sorted(set(raw_labels))
-    index = {name: i for i, name in enumerate(names)}
-    unknown = sorted(set(raw_labels) - set(index))
-    if unknown:
-        raise ValueError(f"{path}: labels {unknown[:5]} not in the training labels")
-    return texts, [index[label] for label in raw_labels], names
+    return read_table(data_cfg, path, task, key, names)
 
 
 def _split(texts, labels, names, test_fraction: float, seed: int) -> RawText:
@@ -166,6 +143,11 @@ def _split(texts, labels, names, test_fraction: float, seed: int) -> RawText:
     def pick(idx, values):
         return None if values is None else [values[i] for i in idx]
 
+    if not train_idx or not test_idx:
+        empty = "test" if not test_idx else "training"
+        raise ValueError(f"{len(texts)} rows leave the {empty} split empty at "
+                         f"data.test_fraction={test_fraction:g}: add rows, change "
+                         "data.test_fraction, or give data.test_path")
     return RawText(
         [texts[i] for i in train_idx], pick(train_idx, labels),
         [texts[i] for i in test_idx], pick(test_idx, labels), names,
@@ -237,45 +219,11 @@ def dirichlet_partition(
     seed: int,
     min_size: int = 8,
 ) -> list[list[int]]:
-    """Seeded non-IID split: per class, client shares drawn from Dirichlet(alpha).
+    """Seeded non-IID split: per class, client shares drawn from Dirichlet(alpha)
+    (``federation.partitioner=dirichlet_legacy``; task/partition.py)."""
+    from .partition import legacy_dirichlet
 
-    Redraws (a bounded number of times) until every client holds at least ``min_size``
-    examples; unlabelled data (causal LM) is split IID.
-    """
-    if num_clients < 1:
-        raise ValueError("num_clients must be >= 1")
-    if num_examples < num_clients * min_size:
-        raise ValueError(
-            f"{num_examples} training examples cannot give {num_clients} clients "
-            f"{min_size} examples each"
-        )
-    generator = torch.Generator().manual_seed(seed)
-    if labels is None or alpha <= 0:
-        order = torch.randperm(num_examples, generator=generator).tolist()
-        return [order[k::num_clients] for k in range(num_clients)]
-    concentration = torch.full((num_clients,), float(alpha))
-    for _ in range(1000):
-        parts: list[list[int]] = [[] for _ in range(num_clients)]
-        for label in labels.unique().tolist():
-            members = (labels == label).nonzero().flatten()
-            members = members[torch.randperm(len(members), generator=generator)]
-            shares = _dirichlet(concentration, generator)
-            cuts = (torch.cumsum(shares, 0) * len(members)).round().long().tolist()[:-1]
-            for k, chunk in enumerate(torch.tensor_split(members, cuts)):
-                parts[k] += chunk.tolist()
-        if min(len(p) for p in parts) >= min_size:
-            return [sorted(p) for p in parts]
-    raise ValueError(
-        f"could not draw a Dirichlet({alpha}) split giving every one of {num_clients} clients "
-        f"{min_size} examples; raise federation.dirichlet_alpha or lower num_clients"
-    )
-
-
-def _dirichlet(concentration: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    # torch's Dirichlet takes no generator; numpy's, seeded from ours, keeps the split stable.
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-    draw = np.random.default_rng(seed).dirichlet(concentration.numpy().astype(float))
-    return torch.tensor(draw)
+    return legacy_dirichlet(labels, num_examples, num_clients, alpha, seed, min_size)
 
 
 def client_partition(data: TokenizedData, partition_id: int, num_partitions: int, alpha: float,
@@ -297,14 +245,22 @@ def data_for(cfg: Mapping[str, Any]) -> TokenizedData:
 
 def partition_sizes(cfg: Mapping[str, Any]) -> list[int]:
     """Examples per client under a job config's federation settings."""
-    data = data_for(cfg)
-    return [len(federation_partition(cfg, data, k)) for k in range(int(cfg["federation"]["num_clients"]))]
+    return [len(part) for part in _federation_split(cfg, data_for(cfg))]
 
 
 def federation_partition(cfg: Mapping[str, Any], data: TokenizedData, partition_id: int,
                          num_partitions: int | None = None) -> Subset:
-    """Partition ``partition_id`` of the training split under a job config's settings."""
-    fed = cfg["federation"]
-    return client_partition(data, partition_id, int(num_partitions or fed["num_clients"]),
-                            float(fed["dirichlet_alpha"]), int(fed["seed"]),
-                            int(fed.get("min_client_examples", 8)))
+    """Partition ``partition_id`` of the training split under a job config's settings
+    (``federation.partitioner``: task/partition.py)."""
+    return Subset(data.train, _federation_split(cfg, data, num_partitions)[partition_id])
+
+
+def _federation_split(cfg: Mapping[str, Any], data: TokenizedData,
+                      num_partitions: int | None = None) -> list[list[int]]:
+    from .partition import split, split_key
+
+    clients = int(num_partitions or cfg["federation"]["num_clients"])
+    key = (id(data), clients, split_key(cfg))
+    if key not in _PARTITIONS:  # cached per process: every simulated client reads it
+        _PARTITIONS[key] = split(cfg, data.train_labels, len(data.train), clients)
+    return _PARTITIONS[key]

@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 import psutil
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN_VAR = "FEDLORA_TEST_RUN"
@@ -144,8 +145,19 @@ _LONGEST_FIRST = ["test_simulation", "test_secure_aggregation", "test_reliabilit
                   "test_recipes", "test_client_level_dp", "test_deploy_compose"]
 
 
+# Modules whose every test starts processes or trains real models: marked integration as a
+# whole, so `-m "not integration"` is the fast unit layer (tests elsewhere mark themselves).
+_INTEGRATION_MODULES = {*_LONGEST_FIRST, "test_cli", "test_privacy_training",
+                        "test_privacy_recipe_features", "test_client_training",
+                        "test_deploy_edge", "test_ray_cluster", "test_llm_simulation",
+                        "test_aggregation_process", "test_minilm"}
+
+
 def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001 - pytest hook
     rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in _INTEGRATION_MODULES:
+            item.add_marker(pytest.mark.integration)
 
     def key(item) -> int:  # noqa: ANN001
         return rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank))

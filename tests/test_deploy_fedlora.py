@@ -41,4 +41,7 @@ def test_secure_aggregation_over_tls_with_ledgers_on_the_nodes(tmp_path):
         ledger = json.loads(path.read_text())
         assert [r["round"] for r in ledger["rounds"]] == [1]
         assert 0 < ledger["epsilon_spent"] <= 3.0
-    assert all(0 < c["epsilon"] <= 3.0 for c in row["clients"])
+    # The nodes release no epsilon (a function of their private sizes); their ledgers,
+    # checked above, hold it. Each node pinned its policy in its own key directory.
+    assert all("epsilon" not in c for c in row["clients"])
+    assert len(sorted(ledgers.glob("partition-*/privacy.keys/policy.json"))) == NODES

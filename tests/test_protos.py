@@ -328,7 +328,7 @@ def test_update_rejected_pickles() -> None:
 
 
 def test_generated_code_is_current(tmp_path: Path) -> None:
-    pytest.importorskip("grpc_tools", reason="grpcio-tools not installed: cannot regenerate")
+    # grpcio-tools is in the test extra: a missing one is a broken install, not a skip.
     from fedlora.protos import generate
 
     checked_in = Path(generate.__file__).parent
@@ -339,9 +339,9 @@ def test_generated_code_is_current(tmp_path: Path) -> None:
             continue
         # Same .proto but another protoc release only changes the version stamp lines.
         strip = lambda b: [ln for ln in b.splitlines() if b"Version" not in ln and not ln.strip().isdigit()]  # noqa: E731
+        # Same content under another protoc release: current (only the stamp differs).
         if strip(fresh) == strip(ours):
-            pytest.skip(f"{rel}: installed grpcio-tools has another protoc release; regenerate with "
-                        "`python -m fedlora.protos.generate` to pin its version stamp")
+            continue
         pytest.fail(f"{rel} is stale: run `python -m fedlora.protos.generate` and commit the result")
 
 

@@ -21,7 +21,7 @@ from fedlora.deploy.tune import (
     sample_points,
     trial_key,
 )
-from fedlora.server.strategy import privacy_line
+from fedlora.server.loop import privacy_line
 from fedlora.task.config import ConfigError, compose_job, validate
 
 from .conftest import read_metrics, run_fedlora

@@ -74,7 +74,7 @@ def test_two_releases_carry_independent_noise_statistically() -> None:
 
 @pytest.mark.parametrize("override, code", [
     ("privacy.delta=0.5", "invalid-delta"),
-    ("strategy.batch_size=100000", "invalid-batch"),
+    ("strategy.batch_size=100000", "invalid-partition"),  # the split's size floor says so
 ])
 def test_refusal_text_carries_no_sizes(tmp_path: Path, override: str, code: str) -> None:
     cfg = job(override, "strategy.sample_rate=null", "run_name=t")

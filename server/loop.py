@@ -1,11 +1,10 @@
 """The federation loop: one generic driver that delegates every piece of math to
-fedlora.aggregation.
+fedlora.aggregation and every way of aggregating a round to a RoundAggregation.
 
-Per round: sample clients (deterministically, by partition), send each its downlink
-envelope, collect replies until all arrive or the round timeout passes (exchange.py),
-decode and validate every update (intake.py: rejections are logged and listed, never
-fatal), aggregate when at least ``min_clients`` valid updates arrived (else skip the
-round), step the server optimizer, evaluate centrally, write metrics and a checkpoint.
+Per round: sample clients (deterministically, by partition), let the round's aggregation
+(rounds.py: plain, client-level DP, or secure aggregation in secure_training.py) exchange
+messages and produce the method's new state, step the server optimizer on it (or skip the
+round when nothing was released), evaluate centrally, write metrics and a checkpoint.
 
 Why not Flower's ``Strategy.start()``: it broadcasts one ArrayRecord to every sampled node
 and folds replies with a single aggregate call. fedlora needs an init round before round
@@ -31,7 +30,7 @@ from fedlora.aggregation import GlobalState, Method
 from fedlora.privacy import BudgetExhausted
 from fedlora.protos import Envelope, Expectation, encode, payload_bytes
 from fedlora.task import messages as msgs
-from fedlora.task.secure_sum import client_level_config
+from fedlora.task.secure_sum import client_level_config, secagg_threshold
 from fedlora.task.training import ServerOptimizerConfig, round_lr
 
 from .checkpoint import (
@@ -43,17 +42,21 @@ from .checkpoint import (
 from .client_dp import ClientLevelDP
 from .evaluation import CentralEvaluator
 from .exchange import MessageExchange, NodeInfo
-from .intake import RoundOutcome, collect, released_weights
 from .optimizer import ServerOptimizer
 from .progress import Progress
 from .report import MetricsLog, simulated_spend
-from .secure_training import SecureTraining
+from .rounds import ClientLevelRound, PlainRound, RoundAggregation
+from .secure_training import SecureAggregationRound
 
 _log = logging.getLogger(__name__)
 
 
-class FedLoraStrategy:
-    """The ServerApp's federation loop around a fedlora aggregation Method."""
+class FederationLoop:
+    """The ServerApp's federation loop around a fedlora aggregation Method.
+
+    It is the :class:`~.rounds.Federation` view every RoundAggregation receives: the
+    config, the method, the current state, the exchange, and how to build a node's
+    message; the rounds return their result and the loop applies it."""
 
     def __init__(self, cfg: dict[str, Any], method: Method, evaluator: CentralEvaluator,
                  run_dir: Path, *, progress: Progress | None = None):
@@ -83,14 +86,51 @@ class FedLoraStrategy:
         self.client_dp = None if client_level is None else ClientLevelDP(
             client_level, cfg["privacy"]["client_level"].get("ledger_dir")
             or self.run_dir / "privacy", str(cfg["run_name"]))
-        self._round_report: dict[str, Any] = {}
-        self.secure = SecureTraining(self) if cfg.get("secure_aggregation") else None
+        self.fingerprint = evaluator.fingerprint
+        self.aggregation: RoundAggregation
+        if cfg.get("secure_aggregation"):
+            self.aggregation = SecureAggregationRound(secagg_threshold(cfg),
+                                                      int(self.fed["min_clients"]),
+                                                      self.client_dp)
+        elif self.client_dp is not None:
+            self.aggregation = ClientLevelRound(self.client_dp)
+        else:
+            self.aggregation = PlainRound(int(self.fed["min_clients"]))
+
+    # -- the view a round gets (rounds.Federation) ------------------------------------------
+    @property
+    def initial_head(self) -> dict[str, Any]:
+        return self.evaluator.initial_head
+
+    def job(self) -> dict[str, Any]:
+        return {k: v for k, v in self.cfg.items() if k != "hydra"}
+
+    def train_message(self, info: NodeInfo, server_round: int) -> tuple[Message, int]:
+        message = self._message(info, server_round, msgs.PHASE_TRAIN, MessageType.TRAIN)
+        return message, self._sent_bytes[info.node_id]
+
+    def node_partition(self, node_id: int) -> int:
+        info = self.nodes.get(node_id)
+        return info.partition if info else 1 << 30
+
+    def node_name(self, node_id: int) -> str:
+        info = self.nodes.get(node_id)
+        return info.name if info else f"node-{node_id}"
+
+    def expectation(self, server_round: int, node_id: int) -> Expectation:
+        info = self.nodes.get(node_id)
+        own_rank = self.method.per_client_rank
+        return Expectation(
+            method=self.method.name, round=server_round, direction="up",
+            shapes=dict(self.spec.shapes), roles=tuple(self.method.uplink_in_round(server_round)),
+            rank=None if own_rank else self.spec.rank,
+            max_rank=(info.rank if info else self.spec.rank) if own_rank else None,
+            head_shapes={k: tuple(v.shape) for k, v in self.state.head.items()},
+            max_bytes=self._max_bytes(server_round), max_norm=self.max_norm,
+            fingerprint=self.evaluator.fingerprint,
+        )
 
     # -- messages ---------------------------------------------------------------------------
-    def _train_messages(self, server_round: int) -> list[Message]:
-        return [self._message(info, server_round, msgs.PHASE_TRAIN, MessageType.TRAIN)
-                for info in self.sample(server_round)]
-
     def _evaluate_messages(self, server_round: int) -> list[Message]:
         fraction = float(self.fed.get("fraction_evaluate", 0.0))
         if fraction <= 0 or not self.nodes:
@@ -134,7 +174,7 @@ class FedLoraStrategy:
             first = self._restore() + 1
         self.summary()
         self.exchange = MessageExchange(grid, self.progress, self.timeout)
-        self.nodes = self.exchange.discover(int(self.fed["num_clients"]), self._job(),
+        self.nodes = self.exchange.discover(int(self.fed["num_clients"]), self.job(),
                                             self.connect_timeout)
         if first == 1 and self.method.init_round_roles and not resume:
             self._init_round()
@@ -148,23 +188,15 @@ class FedLoraStrategy:
 
     def round(self, grid: Grid, server_round: int) -> dict[str, Any]:
         started = time.perf_counter()
-        self._round_report = {}
-        if self.secure is not None:
-            outcome, bytes_down, skipped = self.secure.train_round(
-                server_round, self.sample(server_round))
-            error = None
+        before = self.state
+        result = self.aggregation.train_round(self, server_round, self.sample(server_round))
+        skipped = result.averaged is None
+        if skipped:
+            self.state = GlobalState(server_round, before.factors, before.head, before.meta)
         else:
-            messages = self._train_messages(server_round)
-            bytes_down = {m.metadata.dst_node_id: self._sent_bytes[m.metadata.dst_node_id]
-                          for m in messages}
-            replies, missing = self.exchange.push_pull(messages, server_round)
-            outcome = collect(replies, f"round {server_round}",
-                              lambda node_id: self._expectation(server_round, node_id),
-                              self._name, self._partition)
-            for node_id in missing:
-                outcome.lost.append({"node": self._name(node_id), "reason": "no reply before "
-                                     f"the round timeout ({self.timeout:g} s)"})
-            skipped, error = self._aggregate(server_round, outcome)
+            # The method's aggregate is exact (or its error is reported) before this step.
+            self.state = self.server_optimizer.step(before, result.averaged)
+        outcome, bytes_down = result.outcome, result.bytes_down
         for client in outcome.clients:
             client["bytes_down"] = bytes_down.get(client.pop("_node_id"), 0)
         row: dict[str, Any] = {
@@ -174,13 +206,13 @@ class FedLoraStrategy:
             "bytes_down": sum(bytes_down.values()),
             "adapter_bytes_up": outcome.adapter_bytes_up,
             "adapter_bytes_down": sum(self._sent_payload[n] for n in bytes_down),
-            "aggregation_error": error,
+            "aggregation_error": result.error,
             "rejected": outcome.rejected,
             "refused": outcome.refused,
             "lost": outcome.lost,
             "skipped": skipped,
             "lr": round_lr(self.cfg, server_round),
-            **self._round_report,
+            **result.report,
         }
         epsilons = [c["epsilon"] for c in outcome.clients if c.get("epsilon") is not None]
         row["epsilon_max"] = max(epsilons) if epsilons else simulated_spend(self.cfg)
@@ -194,34 +226,6 @@ class FedLoraStrategy:
         return row
 
     # -- pieces -------------------------------------------------------------------------------
-    def _aggregate(self, server_round: int, outcome: RoundOutcome) -> tuple[bool, float | None]:
-        """Aggregate the valid updates, or skip the round below min_clients.
-
-        Returns (skipped, aggregation error): the error is the root-sum-square over modules
-        of ||sum_k p_k s B_k A_k - s B A||_F for inexact methods, None for exact ones.
-        """
-        before = self.state
-        # Under client-level DP every round is released (noise over whatever arrived, even
-        # nothing): skipping when few clients took part would make the output depend on the
-        # participation count without accounting for it.
-        if self.client_dp is None and len(outcome.updates) < int(self.fed["min_clients"]):
-            _log.warning("round %d skipped: %d valid updates, %d needed", server_round,
-                         len(outcome.updates), int(self.fed["min_clients"]))
-            self.state = GlobalState(server_round, before.factors, before.head, before.meta)
-            return True, None
-        updates = released_weights(outcome.updates)
-        if self.client_dp is not None:
-            averaged, report = self.client_dp.aggregate(self.method, before, updates,
-                                                        server_round)
-            self._round_report.update(report)
-            errors = None
-        else:
-            averaged = self.method.aggregate(before, updates)
-            errors = self.method.aggregation_error(before, updates, averaged)
-        # The method's aggregate is exact (or its error is reported) before this step.
-        self.state = self.server_optimizer.step(before, averaged)
-        return False, None if errors is None else float(sum(e * e for e in errors.values()) ** 0.5)
-
     def sample(self, server_round: int) -> list[NodeInfo]:
         """Deterministic in (seed, round): a resumed run samples the same partitions
         (client-level DP with Poisson sampling draws from OS entropy instead)."""
@@ -245,17 +249,6 @@ class FedLoraStrategy:
         return True
 
     # -- internals ------------------------------------------------------------------------------
-    def _job(self) -> dict[str, Any]:
-        return {k: v for k, v in self.cfg.items() if k != "hydra"}
-
-    def _partition(self, node_id: int) -> int:
-        info = self.nodes.get(node_id)
-        return info.partition if info else 1 << 30
-
-    def _name(self, node_id: int) -> str:
-        info = self.nodes.get(node_id)
-        return info.name if info else f"node-{node_id}"
-
     def _message(self, info: NodeInfo, server_round: int, phase: str, kind: str) -> Message:
         first = bool(self.method.node_keeps) and info.partition not in self.contacted
         if kind == MessageType.TRAIN and first:
@@ -263,7 +256,7 @@ class FedLoraStrategy:
         data, payload = self._downlink(server_round, first, info.rank)
         self._sent_bytes[info.node_id] = len(data)
         self._sent_payload[info.node_id] = payload
-        record = msgs.config_record(self._job(), phase=phase, **{"server-round": server_round},
+        record = msgs.config_record(self.job(), phase=phase, **{"server-round": server_round},
                                     **self._extra_config())
         content = RecordDict({msgs.ENVELOPE: msgs.envelope_record(data), msgs.CONFIG: record})
         return Message(content, info.node_id, kind)
@@ -289,19 +282,6 @@ class FedLoraStrategy:
         ledger_dir = self.cfg.get("ledger_dir")
         return {"ledger-dir": str(ledger_dir)} if ledger_dir else {}
 
-    def _expectation(self, server_round: int, node_id: int) -> Expectation:
-        info = self.nodes.get(node_id)
-        own_rank = self.method.per_client_rank
-        return Expectation(
-            method=self.method.name, round=server_round, direction="up",
-            shapes=dict(self.spec.shapes), roles=tuple(self.method.uplink_in_round(server_round)),
-            rank=None if own_rank else self.spec.rank,
-            max_rank=(info.rank if info else self.spec.rank) if own_rank else None,
-            head_shapes={k: tuple(v.shape) for k, v in self.state.head.items()},
-            max_bytes=self._max_bytes(server_round), max_norm=self.max_norm,
-            fingerprint=self.evaluator.fingerprint,
-        )
-
     def _max_bytes(self, server_round: int) -> int:
         configured = self.fed.get("max_update_bytes")
         if configured:
@@ -315,46 +295,20 @@ class FedLoraStrategy:
 
     def _init_round(self) -> None:
         """The method's init round: every client sends its init_round_roles (e.g. Fed-SB's
-        DP gradient estimates); the method turns them into the first state."""
+        DP gradient estimates); the round's aggregation turns them into the first state."""
         started = time.perf_counter()
         nodes = sorted(self.nodes.values(), key=lambda n: n.partition)
-        config = msgs.config_record(self._job(), phase=msgs.PHASE_INIT,
+        config = msgs.config_record(self.job(), phase=msgs.PHASE_INIT,
                                     **{"server-round": 0}, **self._extra_config())
         empty = encode(Envelope(method=self.method.name, round=0, direction="down", factors={},
                                 fingerprint=self.evaluator.fingerprint), self.cfg["wire_dtype"])
-        messages = [Message(RecordDict({msgs.ENVELOPE: msgs.envelope_record(empty),
-                                        msgs.CONFIG: config}), n.node_id, MessageType.TRAIN)
-                    for n in nodes]
-        if self.secure is not None:
-            by_node = {m.metadata.dst_node_id: m for m in messages}
-            state, result = self.secure.init_round(nodes, lambda info: by_node[info.node_id])
-            if state is None:
-                raise RuntimeError(f"{self.method.name} init round under secure aggregation "
-                                   f"released nothing: {result.reason}")
-            self.state, self.init_bytes_up = state, result.bytes_up
-            self.progress.line(f"{self.method.name} init round (secure aggregation): "
-                               f"{len(result.survivors)} contributions summed, "
-                               f"{time.perf_counter() - started:.1f} s")
-            return
-        replies, _ = self.exchange.push_pull(messages, 0, label="init round",
-                                             timeout=self.connect_timeout)
-        shapes = dict(self.spec.shapes)
-        expected = Expectation(method=self.method.name, round=0, direction="up", shapes=shapes,
-                               roles=tuple(self.method.init_round_roles),
-                               max_bytes=8 * sum(o * i for o, i in shapes.values()) + 65536,
-                               fingerprint=self.evaluator.fingerprint)
-        outcome = collect(replies, "init round", lambda node_id: expected, self._name,
-                          self._partition)
-        if not outcome.updates:
-            raise RuntimeError(f"{self.method.name} init round: no valid update arrived "
-                               f"(refused {outcome.refused}, rejected {outcome.rejected}, "
-                               f"lost {outcome.lost})")
-        self.state = self.method.init_from_updates(self.spec, released_weights(outcome.updates),
-                                                   head=self.evaluator.initial_head)
-        self.init_bytes_up = outcome.bytes_up
-        self.progress.line(f"{self.method.name} init round: {len(outcome.updates)} updates, "
-                           f"{outcome.bytes_up / 1e6:.2f} MB up, "
-                           f"{time.perf_counter() - started:.1f} s")
+
+        def message(info: NodeInfo) -> Message:
+            return Message(RecordDict({msgs.ENVELOPE: msgs.envelope_record(empty),
+                                       msgs.CONFIG: config}), info.node_id, MessageType.TRAIN)
+
+        self.state, self.init_bytes_up, line = self.aggregation.init_round(self, nodes, message)
+        self.progress.line(f"{line}, {time.perf_counter() - started:.1f} s")
 
     def _evaluate(self, server_round: int) -> dict[str, Any]:
         rounds = int(self.fed["rounds"])
@@ -363,8 +317,9 @@ class FedLoraStrategy:
         if server_round % every == 0 or server_round == rounds:
             result = self.evaluator.evaluate(self.method, self.state)
             out.update(accuracy=result["accuracy"], loss=result["loss"])
-            if "perplexity" in result:
-                out["perplexity"] = result["perplexity"]
+            for key in ("perplexity", "exact_match", "rougeL"):  # causal LMs
+                if key in result:
+                    out[key] = result[key]
         messages = self._evaluate_messages(server_round)
         if messages:
             replies, _ = self.exchange.push_pull(messages, server_round,
@@ -373,9 +328,6 @@ class FedLoraStrategy:
             if client_metrics is not None:
                 out.update(client_metrics)
         return out
-
-    def secure_summary(self) -> dict[str, Any]:
-        return self.secure.summary() if self.secure is not None else {}
 
     def _checkpoint_extra(self) -> dict[str, Any]:
         return {"method": self.method.name, "fingerprint": self.evaluator.fingerprint}
