@@ -2,6 +2,8 @@
 
 Everything the run starts (Ray's processes, its workers) is stopped when the run ends,
 fails or is interrupted: ray.shutdown() first, then any descendant process still alive.
+With ``simulation.ray_address`` the run attaches to an existing Ray cluster instead and
+only disconnects from it at the end (the cluster and its nodes keep running).
 A Hydra multirun keeps one Ray session for all its jobs (``keep_ray``; starting and
 stopping Ray costs about 6 s a job) and stops it when the multirun ends or a job fails.
 """
@@ -32,6 +34,8 @@ def prepare_run(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """Validate a resolved config (data checks included) and write RUN_DIR/config.yaml."""
     from fedlora.task.config import ConfigError, validate, validate_data
     from fedlora.task.data import partition_sizes
+    from fedlora.task.llm import check_llm
+    from fedlora.task.memory import check_memory
 
     job = dict(cfg)
     job.pop("hydra", None)
@@ -40,11 +44,14 @@ def prepare_run(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     # ledger directory (several runs of one federation then share their budgets).
     job["ledger_dir"] = str(job["privacy"].get("ledger_dir") or run_dir / "privacy")
     validate(job)
+    check_llm(job)  # causal LMs: dtype, quantization and DP limits, refused with why
     try:
         sizes = partition_sizes(job)
     except ValueError as exc:  # unreadable data or an impossible split: a config problem
         raise ConfigError(f"invalid configuration:\n  - {exc}") from exc
     validate_data(job, sizes)
+    if job["model"].get("check_memory", True):
+        check_memory(job, examples=max(sizes))  # one client's peak, against this machine
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(job, run_dir / "config.yaml")
     return job
@@ -119,7 +126,10 @@ def run_simulation(job: dict[str, Any], *, resume: bool = False, keep_ray: bool 
                              "num_gpus": float(sim.get("num_gpus_per_client", 0.0))},
         "init_args": {"include_dashboard": False},
     }
-    if sim.get("num_cpus"):
+    address = sim.get("ray_address")
+    if address:  # an existing cluster: its nodes decide the resources
+        backend["init_args"] = {"address": str(address)}
+    elif sim.get("num_cpus"):
         backend["init_args"]["num_cpus"] = int(sim["num_cpus"])
     if _kept_session is not None and _kept_session != backend["init_args"]:
         stop_everything()  # a job asking for other resources gets a fresh session
@@ -143,6 +153,8 @@ def run_simulation(job: dict[str, Any], *, resume: bool = False, keep_ray: bool 
         signal.signal(signal.SIGINT, on_sigint)
     finished = False
     try:
+        if address:
+            _attach(str(address))
         with _ray_shutdown_deferred() if keep_ray else nullcontext():
             flwr_run_simulation(server_app=server_app, client_app=client_app,
                                 num_supernodes=int(job["federation"]["num_clients"]),
@@ -169,6 +181,29 @@ def run_simulation(job: dict[str, Any], *, resume: bool = False, keep_ray: bool 
         raise RunFailed(f"the federation failed: {outcome['error']!r}") from outcome["error"]
     if "summary" not in outcome:
         raise RunFailed("the federation stopped before finishing (see the log above)")
+
+
+def _attach(address: str) -> None:
+    """Connect this driver to an existing Ray cluster before Flower's backend would.
+
+    Workers of an existing cluster are started by its raylets, not by this process, so
+    they do not inherit its environment: the variables simulated nodes read (and the
+    PYTHONPATH Flower passes) travel in the job's runtime_env instead. Flower's backend
+    then finds Ray initialized and only builds its actor pool; ray.shutdown() at the end
+    disconnects the driver and leaves the cluster running."""
+    import ray
+
+    from fedlora.client.node import SIMULATION_ENV
+
+    if ray.is_initialized():
+        return  # a multirun's kept session, already attached
+    pythonpath = os.pathsep.join(p for p in [*sys.path, os.environ.get("PYTHONPATH", "")] if p)
+    env = {"PYTHONPATH": pythonpath, SIMULATION_ENV: os.environ.get(SIMULATION_ENV, "1")}
+    ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    cpus = sum(float(n.get("Resources", {}).get("CPU", 0)) for n in nodes)
+    print(f"[fedlora] attached to the Ray cluster at {address}: {len(nodes)} nodes, "
+          f"{cpus:g} CPUs", flush=True)
 
 
 def stop_everything() -> None:

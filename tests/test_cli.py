@@ -30,7 +30,8 @@ def test_impossible_data_split_is_a_config_error(tmp_path):
     run = tmp_path / "split"
     proc = run_fedlora(["simulate", "model=tiny_bert", "data=synthetic",
                         "federation.num_clients=100", "federation.clients_per_round=100",
-                        f"hydra.run.dir={run}"], check=False)
+                        "federation.min_client_examples=32", f"hydra.run.dir={run}"], check=False)
     assert proc.returncode == 2
     assert "1200 training examples cannot give 100 clients 32 examples each" in proc.stderr
+    assert "federation.num_clients or federation.min_client_examples" in proc.stderr
     assert "Traceback" not in proc.stderr and not (run / "metrics.jsonl").exists()

@@ -70,6 +70,6 @@ def test_delta_must_be_below_one_over_smallest_client():
 
 
 def test_batch_larger_than_a_client_is_rejected():
-    cfg = _cfg("privacy=none", "strategy.batch_size=64")
+    cfg = _cfg("privacy=dp", "strategy.batch_size=64")
     with pytest.raises(ConfigError, match="batch_size"):
         validate_data(cfg, [100, 30])

@@ -50,7 +50,7 @@ def test_sample_rate_config_errors() -> None:
     cfg["strategy"]["batch_size"] = 64
     validate_data(cfg, [40, 300])  # batch_size does not apply with one rate: no complaint
     with pytest.raises(ConfigError, match="exceeds the smallest client"):
-        validate_data(compose_job(["privacy=none", "strategy.batch_size=64"]), [40, 300])
+        validate_data(compose_job(["privacy=dp", "strategy.batch_size=64"]), [40, 300])
 
 
 def test_sizes_are_declared_by_the_node_or_in_simulation_only(monkeypatch) -> None:
