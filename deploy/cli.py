@@ -7,6 +7,8 @@
   fedlora privacy RUN_DIR                 the per-client privacy report of a run
   fedlora tune --strategy S --privacy P --space k=v1,v2 ...   search a recipe (real runs)
   fedlora audit [hydra overrides] [--self-test] [--json]   empirical lower bound on epsilon
+  fedlora generate RUN_DIR --prompt TEXT  a causal LM run's answer (docs/LLM.md)
+  fedlora export RUN_DIR --out DIR [--merged]   the adapter, or merged full weights
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     commands = {"simulate": _simulate, "resume": _resume, "methods": _methods,
-                "privacy": _privacy, "deploy": _deploy, "tune": _tune, "audit": _audit}
+                "privacy": _privacy, "deploy": _deploy, "tune": _tune, "audit": _audit,
+                "generate": _generate, "export": _export}
     if command not in commands:
         print(f"fedlora: unknown command {command!r}\n\n{USAGE.strip()}", file=sys.stderr)
         return 2
@@ -66,6 +69,20 @@ def _tune(rest: list[str]) -> int:
     from .tune import main as tune_main
 
     return tune_main(rest)
+
+
+def _generate(rest: list[str]) -> int:
+    from .generate import main_generate
+
+    _quiet()
+    return main_generate(rest)
+
+
+def _export(rest: list[str]) -> int:
+    from .generate import main_export
+
+    _quiet()
+    return main_export(rest)
 
 
 def _audit(rest: list[str]) -> int:

@@ -49,7 +49,9 @@ class SBLinear(nn.Module):
             nn.init.zeros_(layer.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x) + self.scaling * self.sb_B(self.sb_R(self.sb_A(x)))
+        # The factors stay float32 under a half-precision base (as PEFT keeps LoRA's).
+        low_rank = self.sb_B(self.sb_R(self.sb_A(x.to(self.sb_A.weight.dtype))))
+        return self.base_layer(x) + (self.scaling * low_rank).to(x.dtype)
 
 
 class AdapterHost:
@@ -202,6 +204,7 @@ def export_peft(
     head_modules: list[str],
     out_dir: str | Path,
     pooling: str = "pooler",
+    task_type: str | None = None,
 ) -> dict[str, int]:
     """Write the global delta as a PEFT LoRA adapter directory; returns the rank per module.
 
@@ -216,7 +219,7 @@ def export_peft(
         r=top, lora_alpha=top, target_modules=targets, lora_dropout=0.0, bias="none",
         rank_pattern={name: r for name, r in ranks.items() if r != top},
         alpha_pattern={name: r for name, r in ranks.items() if r != top},
-        modules_to_save=list(head_modules) or None,
+        modules_to_save=list(head_modules) or None, task_type=task_type,
     )
     with torch.no_grad():
         for name, tensor in head.items():

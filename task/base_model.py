@@ -14,6 +14,8 @@ from torch import nn
 from fedlora.aggregation import AdapterSpec
 
 from .data import TokenizedData, data_for
+from .llm import check_llm, resolve_heads
+from .memory import check_memory
 from .models import (
     build_model,
     fingerprint,
@@ -49,8 +51,14 @@ def load_base(cfg: Mapping[str, Any], device_name: str) -> BaseModel:
     model_cfg = cfg["model"]
     device = resolve_device(device_name)
     data = data_for(cfg)
-    model = build_model(model_cfg, data.num_labels).to(device)
+    check_llm(cfg)  # dtype, quantization, checkpointing under DP: refused with why
+    if model_cfg.get("check_memory", True):
+        check_memory(cfg)  # before the weights load: refuse with the numbers
+    model = build_model(model_cfg, data.num_labels, device_name)
+    if not getattr(model, "is_loaded_in_4bit", False) and not getattr(model, "is_loaded_in_8bit",
+                                                                         False):
+        model = model.to(device)  # a quantized base already sits on its GPU
     targets = target_module_names(model, list(model_cfg["target_modules"]))
-    heads = head_parameter_names(model, list(model_cfg.get("head_modules") or []))
+    heads = head_parameter_names(model, resolve_heads(model, model_cfg))
     return BaseModel(data, model, device, targets, heads, fingerprint(model, targets),
                      model_cfg["task"])

@@ -41,10 +41,12 @@ def model_directory(model_cfg: Mapping[str, Any]) -> Path | None:
     return None
 
 
-def build_model(model_cfg: Mapping[str, Any], num_labels: int) -> nn.Module:
-    """A fresh base model (frozen weights W0, head randomly initialized) in eval mode."""
+def build_model(model_cfg: Mapping[str, Any], num_labels: int, device: str = "cpu") -> nn.Module:
+    """A fresh base model (frozen weights W0, head randomly initialized) in eval mode.
+
+    ``device`` picks the dtype of a causal LM's ``model.dtype=auto`` and where a quantized
+    base loads (task/llm.py); the caller still moves the model to its device."""
     from transformers import (
-        AutoModelForCausalLM,
         AutoModelForSequenceClassification,
         BertConfig,
         BertForSequenceClassification,
@@ -91,7 +93,9 @@ def build_model(model_cfg: Mapping[str, Any], num_labels: int) -> nn.Module:
                 directory, num_labels=num_labels
             )
         else:
-            model = AutoModelForCausalLM.from_pretrained(directory)
+            from .llm import load_causal_lm
+
+            model = load_causal_lm(directory, model_cfg, device)
     if task == "classification" and model_cfg.get("pooling", "pooler") == "mean":
         model = MeanPooledClassifier.from_classifier(model, num_labels)
     # Dropout off: the federated math is about the adapters, and DP noise regularizes.
@@ -157,7 +161,11 @@ def load_tokenizer(model_cfg: Mapping[str, Any]):
 
 
 def target_module_names(model: nn.Module, targets: list[str]) -> list[str]:
-    """Full names of the nn.Linear modules whose last name component is in ``targets``."""
+    """Full names of the nn.Linear modules whose last name component is in ``targets``
+    (``[auto]``: the family's usual targets, task/llm.py)."""
+    from .llm import resolve_targets
+
+    targets = resolve_targets(model, targets)
     names = [
         name
         for name, module in model.named_modules()
