@@ -36,7 +36,8 @@ def test_relative_links_and_file_references_exist(page: Path) -> None:
     for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
         if not re.match(r"[a-z]+:", target):
             assert (page.parent / target).exists(), f"{page.name}: broken link {target}"
-    for ref in re.findall(r"`((?:%s)/[\w./-]+\.\w+)`" % "|".join(FOLDERS), text):
+    folders = "|".join(FOLDERS)
+    for ref in re.findall(rf"`((?:{folders})/[\w./-]+\.\w+)`", text):
         if "*" in ref or "<" in ref or "NNN" in ref:
             continue
         assert (ROOT / ref).exists(), f"{page.name}: names {ref}, which does not exist"
