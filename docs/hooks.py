@@ -34,12 +34,20 @@ def _api_tree() -> None:
 _api_tree()
 
 
-def _methods_table() -> str:
+def _builtin_methods() -> list[str]:
+    """fedlora's own methods (a plug-in installed beside it has its own docs)."""
     from fedlora.aggregation import available_methods, get_method
+
+    return [name for name in available_methods()
+            if type(get_method(name)).__module__.startswith("fedlora.aggregation")]
+
+
+def _methods_table() -> str:
+    from fedlora.aggregation import get_method
 
     rows = ["| method | client trains | up | down | exact | bytes up / down (float32, 384 x 384, r 8) | summary |",
             "|---|---|---|---|---|---|---|"]
-    for name in available_methods():
+    for name in _builtin_methods():
         m = get_method(name)
         up, down = 4 * m.uplink_floats(384, 384, 8), 4 * m.downlink_floats(384, 384, 8)
         rows.append(f"| [`{name}`]({name}.md) | {', '.join(m.client_trains)} | "
@@ -49,10 +57,10 @@ def _methods_table() -> str:
 
 
 def _options_table() -> str:
-    from fedlora.aggregation import available_methods, get_method
+    from fedlora.aggregation import get_method
 
     rows = ["| method | option | default | meaning |", "|---|---|---|---|"]
-    for name in available_methods():
+    for name in _builtin_methods():
         for key, (default, help_text) in get_method(name).describe_options().items():
             rows.append(f"| `{name}` | `strategy.options.{key}` | `{default!r}` | {help_text} |")
     return "\n".join(rows)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from fedlora.aggregation import AdapterSpec, get_method
+from fedlora.aggregation import AdapterSpec, available_methods, get_method
 from fedlora.client.train import train_plain, train_private
 from fedlora.privacy import DPSettings, PrivacyLedger
 from fedlora.task.adapters import AdapterHost
@@ -20,7 +20,7 @@ from fedlora.task.models import build_model, head_parameter_names, target_module
 TINY = {"source": "tiny_bert", "task": "classification", "max_length": 16, "hidden_size": 32,
         "num_layers": 2, "num_heads": 2, "vocab_size": 128, "init_seed": 0}
 STRATEGY = {"lr": 0.01, "batch_size": 8, "local_steps": 3}
-METHODS = ["fedavg", "ffa", "flora", "fedsvd", "fedsb"]
+METHODS = available_methods()  # every registered method, plug-ins included
 
 
 def _setup(name: str, pooling: str = "pooler"):

@@ -8,6 +8,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
+from fedlora.aggregation import available_methods
 from fedlora.task.config import ConfigError, validate, validate_data
 
 
@@ -18,7 +19,7 @@ def _cfg(*overrides: str) -> dict:
 
 def test_default_config_is_valid():
     validate(_cfg())
-    for strategy in ("fedavg", "ffa", "flora", "fedsvd", "fedsb"):
+    for strategy in available_methods():  # the built-ins and every plug-in
         validate(_cfg(f"strategy={strategy}", "privacy=dp"))
 
 

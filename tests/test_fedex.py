@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from fedlora.aggregation import AdapterSpec, ClientUpdate, GlobalState, get_method, shared_a
 from fedlora.protos import WIRE_DTYPES, Envelope, encode, payload_bytes
 
-from .test_aggregation import close, dense, scenarios, train, weights
+from .contract.helpers import close, dense, scenarios, train, weights
 
 FAST = settings(max_examples=25, deadline=None)
 SIZE = {"float32": 4, "float16": 2, "bfloat16": 2}

@@ -15,7 +15,7 @@ from fedlora.aggregation import AdapterSpec, ClientUpdate, GlobalState, get_meth
 from fedlora.client.kept import keep_trained, with_kept_factors
 from fedlora.protos import WIRE_DTYPES, Envelope, encode, payload_bytes
 
-from .test_aggregation import close, dense, scenarios, weights
+from .contract.helpers import close, dense, scenarios, weights
 
 FAST = settings(max_examples=20, deadline=None)
 SIZE = {"float32": 4, "float16": 2, "bfloat16": 2}

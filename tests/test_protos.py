@@ -1,4 +1,4 @@
-"""The wire contract: round trips, byte counts per method, every rejection, generated code."""
+"""The wire contract: round trips, every rejection, generated code (per method: tests/contract/)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedlora.aggregation import AdapterSpec, ClientUpdate, get_method
 from fedlora.protos import (
     SCHEMA_VERSION,
     WIRE_DTYPES,
@@ -121,50 +120,8 @@ def test_encode_rejects_bad_envelopes() -> None:
             encode(bad)
 
 
-# ----------------------------------------------------------------------------- methods
-
-
-def _updates(method, state, spec, n_clients: int = 2) -> list[ClientUpdate]:
-    gen = torch.Generator().manual_seed(0)
-    out = []
-    for k in range(n_clients):
-        start = method.client_start(method.downlink(state, first_contact=True), spec, seed=k)
-        factors = {
-            m: {r: init[r] + torch.randn(init[r].shape, generator=gen) for r in method.uplink_roles}
-            for m, init in start.init.items()
-        }
-        out.append(ClientUpdate(factors, num_examples=5 + k, scaling=start.scaling))
-    return out
-
-
-@pytest.mark.parametrize("wire", WIRE_DTYPES)
-@pytest.mark.parametrize("name", ["fedavg", "ffa", "flora", "fedsvd", "fedsb"])
-def test_payload_bytes_match_method_formulas(name: str, wire: str) -> None:
-    method = get_method(name)
-    spec = AdapterSpec({"q": (48, 32), "down": (32, 80)}, rank=4, alpha=8)
-    state = method.init_state(spec)
-    for rnd in (1, 2):
-        updates = _updates(method, state, spec)
-        for u in updates:
-            env = Envelope(name, rnd, "up", u.factors, num_examples=u.num_examples,
-                           scaling=u.scaling, rank=4)
-            data = encode(env, wire)
-            want = sum(method.uplink_floats(*s, 4) for s in spec.shapes.values()) * SIZE[wire]
-            assert payload_bytes(data) == want
-            # The server's gate accepts a well-formed update of this method.
-            limit = {"max_rank": 4} if name == "flora" else {"rank": 4}
-            exp = Expectation(method=name, round=rnd, shapes=spec.shapes,
-                              roles=method.uplink_roles, **limit)
-            decode(data, exp)
-        state = method.aggregate(state, updates)
-        for first in (False, True):
-            down = method.downlink(state, first_contact=first)
-            data = encode(Envelope(name, rnd, "down", down), wire)
-            want = sum(
-                method.downlink_floats(*s, 4, num_clients=2, round=rnd, first_contact=first)
-                for s in spec.shapes.values()
-            )
-            assert payload_bytes(data) == want * SIZE[wire]
+# Byte counts per method and dtype, the round trip of every method's uplink and downlink and
+# the server's gate on them: tests/contract/test_wire.py, for every registered method.
 
 
 # ----------------------------------------------------------------------------- rejections

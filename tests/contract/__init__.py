@@ -1,0 +1,1 @@
+"""The method contract suite: what every registered method (built-in or plug-in) guarantees."""
