@@ -31,6 +31,10 @@ from .linalg import (  # noqa: F401 - re-exported for method files
     orthonormal_rows,
     qr_svd,
     shared_a,
+    sketch,
+    sketch_low_rank,
+    sketch_recover,
+    sketch_test_matrices,
     stable_seed,
     weighted_sum,
 )
@@ -44,8 +48,11 @@ from .state import (  # noqa: F401 - re-exported for method files
     ClientUpdate,
     Factors,
     GlobalState,
+    Stacked,
     check_module_name,
+    dense,
     is_int,
+    one_intra_op_thread,
 )
 
 # --------------------------------------------------------------------------- Method
@@ -150,6 +157,29 @@ class Method(ABC):
     def init_round_steps(self) -> int:
         """Optimizer-free DP steps a client spends in the init round (0: no init round)."""
         return 0
+
+    def client_init_payload(self, grads: Mapping[str, torch.Tensor], spec: AdapterSpec
+                            ) -> Factors:
+        """What a client sends up in the init round from its gradient estimates (module ->
+        d_out x d_in, DP when privacy is on): by default each estimate itself, role "G".
+
+        It runs on the client after the DP estimate, so it is post-processing (no privacy
+        cost). It must be linear in the estimate: the server sums these (secure
+        aggregation releases only the sum) and ``init_from_updates`` reads the mean.
+        """
+        del spec
+        return {m: {"G": g} for m, g in grads.items()}
+
+    def init_round_shapes(self, spec: AdapterSpec) -> dict[str, dict[str, tuple[int, int]]]:
+        """module -> role -> shape of what clients send in the init round (the layout a
+        sum of init payloads has, e.g. under secure aggregation)."""
+        return {m: {role: (d_out, d_in) for role in self.init_round_roles}
+                for m, (d_out, d_in) in spec.shapes.items()}
+
+    def init_uplink_floats(self, d_out: int, d_in: int, rank: int) -> int:
+        """Floats one client sends up per module in the init round (0: no init round)."""
+        del rank
+        return len(self.init_round_roles) * d_out * d_in
 
     def init_from_updates(
         self, spec: AdapterSpec, updates: Sequence[ClientUpdate],

@@ -41,6 +41,7 @@ from .base import (
     as_factor,
     clone_factors,
     generator,
+    one_intra_op_thread,
     option,
     orthonormal_rows,
     qr_svd,
@@ -56,6 +57,11 @@ def refactorize(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.T
     QRs in float32 (backward stable; A is re-orthonormalized from scratch every time, so
     no error accumulates over rounds), the r x r core in float64.
     """
+    with one_intra_op_thread():  # small ops on thin factors (see the helper)
+        return _refactorize(b, a)
+
+
+def _refactorize(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rank, d_in = a.shape
     u, s, vt = qr_svd(b, a, dtype=torch.promote_types(b.dtype, torch.float32))
     k = s.numel()

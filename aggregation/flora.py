@@ -27,12 +27,17 @@ budget): heterogeneous ranks are the point.
 
 State layout: factors[module] = {"B": B_acc, "A": A_acc} with W - W0 = B_acc A_acc exactly
 (scalings and weights folded in); m = 0 before the first round (tensors with a 0 dimension).
+The server round writes nothing new: B_acc and A_acc are :class:`Stacked` matrices that
+hold the previous accumulation and this round's client tensors by reference, with p_k s_k
+kept as the scalar of A_k's block and applied where the factor is used (the codec writes
+the blocks straight into the downlink; delta, checkpoints and export read a dense copy).
+A round thus costs O(K) small objects per module instead of a copy of every client's
+factors. Compression (or a resumed checkpoint) turns them back into plain tensors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +49,9 @@ from .base import (
     Factors,
     GlobalState,
     Method,
+    Stacked,
     as_factor,
+    dense,
     is_int,
     option,
     qr_svd,
@@ -106,18 +113,24 @@ class FLoRA(Method):
         p = self._check_updates(state, updates, fixed_rank=False)
         # p_k s_k goes on A_k (see the docstring); the same float for every module.
         scales = [pk * u.scaling for pk, u in zip(p, updates, strict=True)]
+        ones = [1.0] * (len(updates) + 1)
         factors: Factors = {}
         for m, (d_out, d_in) in state.meta["shapes"].items():
-            with _one_intra_op_thread():
-                b_new, a_new = _stack(state.factors[m], [u.factors[m] for u in updates], scales)
-            # Outside the one-thread scope: QR and SVD do use both cores.
+            acc = state.factors[m]
+            # By reference: B_acc <- [B_acc, B_1 ... B_K], A_acc <- [A_acc; p_1 s_1 A_1; ...].
+            b_new = Stacked.of([acc["B"], *(u.factors[m]["B"] for u in updates)], ones, axis=1)
+            a_new = Stacked.of([acc["A"], *(u.factors[m]["A"] for u in updates)],
+                               [1.0, *scales], axis=0)
             if self.options["compress"] or b_new.shape[1] > min(d_out, d_in):
-                b_new, a_new = self._compress(b_new, a_new)
-            factors[m] = {"B": b_new, "A": a_new}
+                factors[m] = dict(zip(("B", "A"), self._compress(b_new, a_new), strict=True))
+            else:
+                factors[m] = {"B": b_new, "A": a_new}
         return self._next(state, factors, updates, p)
 
-    def _compress(self, b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _compress(self, b: torch.Tensor | Stacked, a: torch.Tensor | Stacked
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Smallest exact form of b @ a: drop only singular values below rtol * s_max."""
+        b, a = dense(b), dense(a)
         u, s, vt = qr_svd(b, a)
         if s.numel() == 0 or float(s[0]) == 0.0:
             return torch.zeros(b.shape[0], 0), torch.zeros(0, a.shape[1])
@@ -182,49 +195,3 @@ class FLoRA(Method):
         m = min(round * num_clients * rank, min(d_out, d_in))
         return m * (d_in + d_out)
 
-
-def _stack(
-    acc: dict[str, torch.Tensor], ups: Sequence[dict[str, torch.Tensor]], scales: Sequence[float]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """B_acc <- [B_acc, B_1 ... B_K], A_acc <- [A_acc; p_1 s_1 A_1; ...; p_K s_K A_K].
-
-    Every output float is written exactly once, into fresh memory that nothing else
-    references (the previous state stays valid). ``.float()`` is a no-op on the float32
-    tensors the codec decodes, so nothing is copied twice.
-    """
-    b_acc, a_acc = acc["B"], acc["A"]
-    # One cat: for float32 inputs on one thread it is a single row-by-row memcpy pass.
-    b_new = torch.cat([b_acc.float()] + [g["B"].float() for g in ups], 1)
-    # A row block by row block: the scaling is applied while writing, no temporaries.
-    a_new = torch.empty(b_new.shape[1], a_acc.shape[1])
-    a_new[: a_acc.shape[0]] = a_acc
-    row = a_acc.shape[0]
-    for g, scale in zip(ups, scales, strict=True):
-        r = g["A"].shape[0]
-        torch.mul(g["A"].float(), scale, out=a_new[row : row + r])
-        row += r
-    return b_new, a_new
-
-
-@contextmanager
-def _one_intra_op_thread() -> Iterator[None]:
-    """Run the torch ops inside on the calling thread only (intra-op threads restored after).
-
-    Stacking is memory-bound copying, ~4,500 ops per round at Llama-7B shapes (2K per
-    module). On two intra-op threads each op is an OpenMP fork/join, and on a 2-core server
-    whose cores are shared each join waits for a descheduled worker: bench/aggregation.py
-    measured 35 s wall (34 s CPU) for the round that takes 1.3 s on one thread, fresh pages,
-    or 0.3 s on reused ones. A second thread buys nothing here: a 1.6 GB copy runs at the
-    same 1.4 GB/s (fresh pages) or 5.8 GB/s (mapped) on one thread or two. Results do not
-    depend on the thread count (copies and elementwise products). The setting is process-
-    wide: torch ops on another Python thread meanwhile also run on one thread.
-    """
-    n = torch.get_num_threads()
-    if n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)

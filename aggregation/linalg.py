@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .state import WEIGHTINGS, ClientUpdate, is_int
+from .state import WEIGHTINGS, ClientUpdate, is_int, one_intra_op_thread
 
 
 def stable_seed(*parts: object) -> int:
@@ -80,9 +80,10 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """sum_k w_k t_k into a fresh tensor (never writes into an input)."""
-    out = tensors[0].to(compute_dtype(tensors[0])) * weights[0]
-    for t, w in zip(tensors[1:], weights[1:], strict=True):
-        out.add_(t.to(out.dtype), alpha=w)
+    with one_intra_op_thread():  # K small memory-bound ops per call (see the helper)
+        out = tensors[0].to(compute_dtype(tensors[0])) * weights[0]
+        for t, w in zip(tensors[1:], weights[1:], strict=True):
+            out.add_(t.to(out.dtype), alpha=w)
     return out
 
 
@@ -119,11 +120,62 @@ def qr_svd(
     Returns (Ul, S, Vt) in ``dtype``, Ul: d_out x k, S: k, Vt: k x d_in,
     k = min(m, d_out, d_in), singular values descending.
     """
-    q1, r1 = torch.linalg.qr(u.to(dtype))
-    q2, r2 = torch.linalg.qr(v.to(dtype).T)
-    uc, s, vct = torch.linalg.svd(r1.double() @ r2.double().T, full_matrices=False)
-    return q1 @ uc.to(dtype), s.to(dtype), vct.to(dtype) @ q2.T
+    with one_intra_op_thread():  # thin factors: small ops, see the helper
+        q1, r1 = torch.linalg.qr(u.to(dtype))
+        q2, r2 = torch.linalg.qr(v.to(dtype).T)
+        uc, s, vct = torch.linalg.svd(r1.double() @ r2.double().T, full_matrices=False)
+        return q1 @ uc.to(dtype), s.to(dtype), vct.to(dtype) @ q2.T
 
 
 def as_factor(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32).contiguous()
+
+
+# ------------------------------------------------------------------ single-pass sketching
+
+
+def sketch_test_matrices(
+    seed: int, module: str, d_out: int, d_in: int, k: int, l: int  # noqa: E741
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Omega (d_in x k) and Psi (l x d_out), standard Gaussian float32, for ``module``.
+
+    Public and bit-identical wherever they are made (CPU generators seeded by (seed,
+    module)), so every client sketches with the same matrices and the server regenerates
+    them: zero bytes on the wire.
+    """
+    omega = torch.randn(d_in, k, generator=generator("fedlora.sketch.omega", seed, module))
+    psi = torch.randn(l, d_out, generator=generator("fedlora.sketch.psi", seed, module))
+    return omega, psi
+
+
+def sketch(g: torch.Tensor, omega: torch.Tensor, psi: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Y, W) = (G Omega, Psi G): linear in G, so the sketches of a sum add up."""
+    g = g.detach()
+    return g @ omega.to(g), psi.to(g) @ g
+
+
+def sketch_recover(y: torch.Tensor, w: torch.Tensor, psi: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, X) with G ~ Q X from the sketches Y = G Omega, W = Psi G (float64).
+
+    The single-pass recovery of Tropp, Yurtsever, Udell and Cevher (2017): Q = orth(Y)
+    (d_out x k) spans G's dominant range, X = (Psi Q)^+ W (k x d_in) solves Psi Q X ~ Psi G.
+    Exact when G has rank <= k (k = Y's columns, with l >= k rows of W).
+    """
+    q, _ = torch.linalg.qr(y.double())
+    x = torch.linalg.lstsq(psi.double() @ q, w.double(), driver="gelsd").solution
+    return q, x
+
+
+def sketch_low_rank(
+    y: torch.Tensor, w: torch.Tensor, psi: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` (U, S, V) of G from its sketches (see :func:`sketch_recover`): the
+    rank-``rank`` truncation of Q X is Q Ux_r S_r Vx_r^T from the SVD of the small k x d_in
+    matrix X. Returns U (d_out x q), S (q, descending), V (d_in x q), q = min(rank, k).
+    """
+    q, x = sketch_recover(y, w, psi)
+    ux, s, vt = torch.linalg.svd(x, full_matrices=False)
+    k = min(rank, s.numel())
+    return q @ ux[:, :k], s[:k], vt[:k].T

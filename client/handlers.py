@@ -23,6 +23,7 @@ from fedlora.privacy.policy import NodePolicy, PolicyRefusal
 from fedlora.protos import Envelope, decode, encode
 from fedlora.task import messages as msgs
 from fedlora.task.evaluate import evaluate
+from fedlora.task.partition import PartitionError
 from fedlora.task.release import check_release, released_metrics, released_privacy
 from fedlora.task.secure_sum import named
 from fedlora.task.training import local_sample_rate, round_lr
@@ -40,8 +41,9 @@ from .train import gradient_estimate, train_plain, train_private
 _log = logging.getLogger(__name__)
 
 # What a client can send in an init round, by role: "G" is the (DP) mean gradient of each
-# target weight over init_round_steps() batches (e.g. LoRA-SB's init).
-_INIT_ROLES = ("G",)
+# target weight over init_round_steps() batches (e.g. LoRA-SB's init), "Y" and "W" a linear
+# sketch of it (G Omega, Psi G); the method's client_init_payload makes them from G.
+_INIT_ROLES = ("G", "Y", "W")
 
 
 def _job(msg: Message) -> tuple[dict[str, Any], ConfigRecord]:
@@ -129,7 +131,10 @@ def train(msg: Message, context: Context, cfg: dict[str, Any], config: ConfigRec
     phase = str(config.get("phase", msgs.PHASE_TRAIN))
     runtime = get_runtime(node.cfg, node.device)
     node.bind(runtime)
-    dataset = node.dataset(runtime)
+    try:
+        dataset = node.dataset(runtime)
+    except PartitionError as exc:  # its text names sizes: a code leaves, the text is logged
+        raise PolicyRefusal("invalid-partition", str(exc)) from exc
     release = _Release(node, len(dataset), private)
     if phase == msgs.PHASE_DESCRIBE:
         return release.reply(msg, None, None, {})
@@ -214,7 +219,8 @@ def train(msg: Message, context: Context, cfg: dict[str, Any], config: ConfigRec
 def _init_round(msg: Message, context: Context, runtime: ClientRuntime, node: NodeIdentity,
                 dataset, dp: DPSetup | None, round_: int, release: _Release,
                 cache: ReplayCache | None) -> Message:
-    """The method's init round: a (DP) gradient estimate of every target weight."""
+    """The method's init round: a (DP) gradient estimate of every target weight, sent as
+    the method's init payload (the estimate itself, or e.g. a linear sketch of it)."""
     unsupported = sorted(set(runtime.method.init_round_roles) - set(_INIT_ROLES))
     if unsupported:
         raise NotImplementedError(f"{runtime.method.name}: the client cannot produce init-round "
@@ -237,9 +243,11 @@ def _init_round(msg: Message, context: Context, runtime: ClientRuntime, node: No
     grads = gradient_estimate(model, runtime.host.linears, dataset, strategy, runtime.task,
                               runtime.device, settings, ledger, round_,
                               None if dp is None else dp.run)
+    # Post-processing of the (DP) estimate: it costs no privacy.
+    factors = runtime.method.client_init_payload(grads, runtime.spec)
+    del grads  # the payload may be far smaller (a sketch): drop the full estimates early
     envelope = Envelope(method=runtime.method.name, round=round_, direction="up",
-                        factors={m: {role: g for role in runtime.method.init_round_roles}
-                                 for m, g in grads.items()},
+                        factors=factors,
                         num_examples=release.count, scaling=runtime.spec.scaling,
                         rank=runtime.spec.rank, fingerprint=runtime.fingerprint, node=node.name)
     if _secure(msg):

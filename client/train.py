@@ -102,7 +102,8 @@ def gradient_estimate(
     strategy: Mapping[str, Any], task: str, device: torch.device,
     settings: DPSettings, ledger: PrivacyLedger | None, round: int, run: str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Fed-SB init: the (DP when a ledger is given) mean gradient of each target weight."""
+    """The init round's (DP when a ledger is given) mean gradient of each target weight
+    (e.g. Fed-SB's init); the method's client_init_payload turns it into what goes up."""
     loader = dp_loader(dataset, local_batch_size(strategy, len(dataset)))
     return run_private_gradient_estimate(
         model, weights, loader, lambda m, batch: forward(m, _to_device(batch, device), task),

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .codec import Envelope, Expectation
+    from .envelope import Envelope, Expectation
 
 
 class RejectReason(StrEnum):
@@ -103,7 +103,8 @@ def _check_names(got: set[str], want: set[str], what: str) -> None:
 
 
 def _module_rank(module: str, roles: Mapping[str, torch.Tensor], shape: tuple[int, int]) -> int | None:
-    """Check the rank-free dimensions of each role, return the module's rank (None: G only)."""
+    """Check the rank-free dimensions of each role, return the module's rank (None: no
+    factor role, e.g. an init round's G or sketches Y, W)."""
     d_out, d_in = shape
     found: dict[str, int] = {}
     for role, t in roles.items():
@@ -113,6 +114,11 @@ def _module_rank(module: str, roles: Mapping[str, torch.Tensor], shape: tuple[in
             raise reject(RejectReason.WRONG_SHAPE, f"{where} is not 2-D")
         if role == "G" and s != (d_out, d_in):
             raise reject(RejectReason.WRONG_SHAPE, f"{where}, expected {(d_out, d_in)}")
+        # Sketch widths are the method's (it checks them exactly); the module's sides here.
+        if role == "Y" and s[0] != d_out:
+            raise reject(RejectReason.WRONG_SHAPE, f"{where}, expected ({d_out}, k)")
+        if role == "W" and s[1] != d_in:
+            raise reject(RejectReason.WRONG_SHAPE, f"{where}, expected (l, {d_in})")
         if role == "A":
             if s[1] != d_in:
                 raise reject(RejectReason.WRONG_SHAPE, f"{where}, expected (r, {d_in})")

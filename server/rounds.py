@@ -139,11 +139,11 @@ class PlainRound:
         timeout = max(fed.exchange.timeout, 300.0)  # nodes start (and import torch) first
         replies, _ = fed.exchange.push_pull([message(n) for n in cohort], 0,
                                             label="init round", timeout=timeout)
-        # At most a full float64 d_out x d_in estimate per module.
+        # At most float64 of what the method says a client sends per module.
+        floats = sum(method.init_uplink_floats(o, i, fed.spec.rank) for o, i in shapes.values())
         expected = Expectation(method=method.name, round=0, direction="up", shapes=shapes,
                                roles=tuple(method.init_round_roles),
-                               max_bytes=8 * sum(o * i for o, i in shapes.values()) + 65536,
-                               fingerprint=fed.fingerprint)
+                               max_bytes=8 * floats + 65536, fingerprint=fed.fingerprint)
         outcome = collect(replies, "init round", lambda node_id: expected, fed.node_name,
                           fed.node_partition)
         if not outcome.updates:

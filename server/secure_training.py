@@ -143,9 +143,10 @@ class SecureAggregationRound:
         if result.total is None:
             raise RuntimeError(f"{fed.method.name} init round under secure aggregation "
                                f"released nothing: {result.reason}")
-        zeros = {m: {r: torch.zeros(shape, dtype=torch.float64)
-                     for r in fed.method.init_round_roles}
-                 for m, shape in fed.spec.shapes.items()}
+        # What clients send may be smaller than d_out x d_in (e.g. a sketch): the
+        # method says the shapes.
+        zeros = {m: {r: torch.zeros(shape, dtype=torch.float64) for r, shape in roles.items()}
+                 for m, roles in fed.method.init_round_shapes(fed.spec).items()}
         layout = Layout.of(zeros, {})
         factors, _ = split({k: v / share for k, v in layout.unflatten(result.total).items()})
         mean = ClientUpdate(factors=cast_like(factors, None), num_examples=1,

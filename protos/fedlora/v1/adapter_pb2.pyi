@@ -23,6 +23,8 @@ class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROLE_HEAD: _ClassVar[Role]
     ROLE_U: _ClassVar[Role]
     ROLE_V: _ClassVar[Role]
+    ROLE_Y: _ClassVar[Role]
+    ROLE_W: _ClassVar[Role]
 
 class WireDType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -41,6 +43,8 @@ ROLE_G: Role
 ROLE_HEAD: Role
 ROLE_U: Role
 ROLE_V: Role
+ROLE_Y: Role
+ROLE_W: Role
 WIRE_DTYPE_UNSPECIFIED: WireDType
 WIRE_DTYPE_FLOAT32: WireDType
 WIRE_DTYPE_FLOAT16: WireDType
