@@ -5,8 +5,10 @@ and appended to a JSONL results file as soon as it finishes (key = its sorted ov
 so a killed search resumes where it stopped and a rerun only runs what is missing. The
 search draws ``--trials`` points from the grid given by ``--space`` with a fixed seed: two
 methods tuned with the same space, trials and seed get exactly the same tuning budget.
-The best point (mean over ``--seeds`` of the final held-out accuracy) is written to
-conf/recipe/<strategy>_<privacy>.yaml with its provenance.
+The best point (mean over ``--seeds`` of the final accuracy on a validation split carved
+from the training examples, ``data.validation_fraction``, 0.1 unless ``--validation-fraction``
+says otherwise) is written to conf/recipe/<strategy>_<privacy>.yaml with its provenance. The
+test split is never used to choose: it is reported beside, for the record.
 
 Privacy caveat: every trial trains on the clients' data. Choosing the best of many private
 runs leaks through the choice; per-run accounting does not show it (Papernot & Steinke,
@@ -122,6 +124,7 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
             (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
     return {
         "final_accuracy": summary.get("final_accuracy"),
+        "final_val_accuracy": summary.get("final_val_accuracy"),
         "best_accuracy": summary.get("best_accuracy"),
         "accuracy_per_round": [r.get("accuracy") for r in rows],
         "epsilon_max": summary.get("epsilon_max"),
@@ -186,12 +189,14 @@ def run_trials(trials: Sequence[Sequence[str]], results: Path, runs_dir: Path,
 
 def best_point(rows: Sequence[dict[str, Any]], points: Sequence[Sequence[str]],
                fixed: Sequence[str], seeds: Sequence[int]) -> tuple[list[str], float, int]:
-    """The point with the highest mean final accuracy over the seeds that finished."""
+    """The point with the highest mean final validation accuracy over the seeds that
+    finished (``final_val_accuracy``; never the test split's ``final_accuracy``)."""
     by_key = {row["key"]: row for row in rows}
     best: tuple[list[str], float, int] | None = None
     for point in points:
-        accs = [by_key[k]["final_accuracy"] for s in seeds
-                if (k := trial_key([*fixed, *point, f"federation.seed={s}"])) in by_key]
+        accs = [by_key[k]["final_val_accuracy"] for s in seeds
+                if (k := trial_key([*fixed, *point, f"federation.seed={s}"])) in by_key
+                and by_key[k].get("final_val_accuracy") is not None]
         if accs and (best is None or statistics.mean(accs) > best[1]):
             best = (list(point), statistics.mean(accs), len(accs))
     if best is None:
@@ -242,21 +247,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="write <recipe-dir>/<strategy>_<privacy>.yaml from the best point")
     parser.add_argument("--recipe-dir", type=Path, default=CONF / "recipe",
                         help="where --write-recipe writes (default: the package's conf/recipe)")
+    parser.add_argument("--validation-fraction", type=float, default=0.1,
+                        help="training examples carved out as the split trials are ranked on")
     parser.add_argument("extra", nargs="*", help="overrides for every trial (after --)")
     args = parser.parse_args(argv)
     if args.trials < 1:
         parser.error("--trials must be >= 1")
+    if not 0 < args.validation_fraction < 1:
+        parser.error("--validation-fraction must be in (0, 1): trials are ranked on it")
     try:
         check_space(args.space)
         points = sample_points(args.space, args.trials, args.search_seed)
     except ValueError as exc:
         parser.error(str(exc))
-    fixed = [f"strategy={args.strategy}", f"privacy={args.privacy}", *args.extra]
+    fixed = [f"strategy={args.strategy}", f"privacy={args.privacy}",
+             f"data.validation_fraction={args.validation_fraction:g}", *args.extra]
     trials = [[*p, f"federation.seed={s}"] for p in points for s in args.seeds]
     run_trials(trials, args.results, args.runs_dir, fixed)
     done = current_rows(args.results)
     point, score, count = best_point(list(done.values()), points, fixed, args.seeds)
-    print(f"best: {' '.join(point)}  (mean final accuracy {score:.3f} over {count} seed(s))")
+    print(f"best: {' '.join(point)}  (mean final validation accuracy {score:.3f} over "
+          f"{count} seed(s))")
     runs = sum(trial_key([*fixed, *t]) in done for t in trials)
     if args.privacy != "none":
         print(f"privacy: this search made {runs} private run(s) on the same data; choosing the "
@@ -268,7 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"Recipe {name}: written by `fedlora tune` from {len(points)} trial point(s) x "
             f"{len(args.seeds)} seed(s)",
             f"space: {' '.join(args.space)}; fixed: {' '.join(args.extra) or 'none'}",
-            f"chosen: mean final accuracy {score:.3f}",
+            f"chosen on the validation split (data.validation_fraction="
+            f"{args.validation_fraction:g}): mean final validation accuracy {score:.3f}",
         ]
         path = args.recipe_dir / f"{name}.yaml"
         atomic_write(path, recipe_yaml(name, point, provenance).encode("utf-8"))

@@ -58,6 +58,10 @@ class CentralEvaluator:
     def evaluate(self, method: Method, state: GlobalState) -> dict[str, float]:
         model = self.load_global(method, state)
         result = evaluate(model, self.data.test, self.task, device=self.device)
+        validation = getattr(self.data, "validation", None)
+        if validation is not None:  # for tuning: the test split is for reporting only
+            scored = evaluate(model, validation, self.task, device=self.device)
+            result.update(val_accuracy=scored["accuracy"], val_loss=scored["loss"])
         if self.task == "causal_lm" and getattr(self.data, "gen_prompts", None):
             result.update(self._generation(model, state))
         return result

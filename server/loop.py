@@ -317,7 +317,8 @@ class FederationLoop:
         if server_round % every == 0 or server_round == rounds:
             result = self.evaluator.evaluate(self.method, self.state)
             out.update(accuracy=result["accuracy"], loss=result["loss"])
-            for key in ("perplexity", "exact_match", "rougeL"):  # causal LMs
+            for key in ("perplexity", "exact_match", "rougeL",  # causal LMs
+                        "val_accuracy", "val_loss"):  # with data.validation_fraction
                 if key in result:
                     out[key] = result[key]
         messages = self._evaluate_messages(server_round)

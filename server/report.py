@@ -76,6 +76,8 @@ def summarize(rows: Sequence[dict[str, Any]], method: str, extra: dict[str, Any]
         "rejected_total": sum(len(r.get("rejected", [])) for r in rows),
         "skipped_rounds": [r["round"] for r in rows if r.get("skipped")],
     }
+    if evaluated and evaluated[-1].get("val_accuracy") is not None:
+        summary["final_val_accuracy"] = evaluated[-1]["val_accuracy"]
     if evaluated and "perplexity" in evaluated[-1]:
         summary["final_perplexity"] = evaluated[-1]["perplexity"]
     epsilons: dict[str, float] = {}

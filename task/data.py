@@ -30,6 +30,9 @@ class TokenizedData:
     test: TensorDataset
     label_names: list[str]  # empty for causal LM
     train_labels: torch.Tensor | None  # class per training example (partitioning); None: IID
+    # Carved from the training examples (data.validation_fraction): for tuning, never the
+    # test split. None: no validation split.
+    validation: TensorDataset | None = None
 
     @property
     def num_labels(self) -> int:
@@ -70,7 +73,24 @@ def _build(data_cfg, model_cfg, vocab_size) -> TokenizedData:
     else:
         raw = _read_raw(data_cfg, task)
         data = _tokenize(raw, model_cfg, task)
-    return _cap(data, data_cfg)
+    return _carve_validation(_cap(data, data_cfg), data_cfg)
+
+
+def _carve_validation(data: TokenizedData, data_cfg) -> TokenizedData:
+    """The last ``validation_fraction`` of the (already shuffled) training examples become
+    the validation split; the clients' partitions are drawn from the rest."""
+    fraction = float(data_cfg.get("validation_fraction") or 0.0)
+    if fraction <= 0:
+        return data
+    n = len(data.train)
+    keep = n - max(1, round(fraction * n))
+    if keep < 1:
+        raise ValueError(f"data.validation_fraction={fraction:g} leaves no training examples "
+                         f"of {n}")
+    train = TensorDataset(*(t[:keep] for t in data.train.tensors))
+    validation = TensorDataset(*(t[keep:] for t in data.train.tensors))
+    labels = None if data.train_labels is None else data.train_labels[:keep]
+    return TokenizedData(train, data.test, data.label_names, labels, validation)
 
 
 def _cap(data: TokenizedData, data_cfg) -> TokenizedData:

@@ -9,6 +9,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 import yaml
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
@@ -84,9 +85,13 @@ def test_search_helpers() -> None:
     assert a == b and len({trial_key(p) for p in a}) == 4  # same budget, distinct points
     with pytest.raises(ValueError, match="key=v1"):
         grid(["strategy.lr"])
-    rows = [{"key": trial_key(["x=1", "p=1", "federation.seed=0"]), "final_accuracy": 0.5},
-            {"key": trial_key(["x=1", "p=1", "federation.seed=1"]), "final_accuracy": 0.7},
-            {"key": trial_key(["x=1", "p=2", "federation.seed=0"]), "final_accuracy": 0.65}]
+    # Ranked on the validation split; the test split's accuracy never decides.
+    rows = [{"key": trial_key(["x=1", "p=1", "federation.seed=0"]), "final_val_accuracy": 0.5,
+             "final_accuracy": 0.99},
+            {"key": trial_key(["x=1", "p=1", "federation.seed=1"]), "final_val_accuracy": 0.7,
+             "final_accuracy": 0.99},
+            {"key": trial_key(["x=1", "p=2", "federation.seed=0"]), "final_val_accuracy": 0.65,
+             "final_accuracy": 0.1}]
     point, score, count = best_point(rows, [["p=1"], ["p=2"]], ["x=1"], [0, 1])
     assert point == ["p=2"] and score == 0.65 and count == 1
     text = recipe_yaml("ffa_dp_eps8", ["strategy.lr=0.05", "strategy.lr_schedule.kind=cosine",
@@ -106,6 +111,8 @@ def test_tune_runs_real_trials_resumes_and_writes_a_recipe(tmp_path: Path) -> No
     first = run_fedlora(args)
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["epsilon_max"] <= 8.0
+    assert "data.validation_fraction=0.1" in rows[0]["overrides"]
+    assert 0 <= rows[0]["final_val_accuracy"] <= 1  # what the choice is made on
     assert rows[0]["config_digest"] == config_digest(rows[0]["overrides"])
     run_dir = Path(rows[0]["run_dir"])
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -217,3 +224,18 @@ def test_an_invalid_trial_fails_alone_before_running(tmp_path: Path, capsys) -> 
     out = capsys.readouterr().out
     assert out.count("FAILED before running: invalid config") == 2
     assert not results.exists() and not (tmp_path / "runs").exists()
+
+
+def test_validation_split_is_carved_from_training_data_only() -> None:
+    from fedlora.task.data import load_data
+
+    base = compose_job(["model=tiny_bert", "data=synthetic"])
+    tuned = compose_job(["model=tiny_bert", "data=synthetic", "data.validation_fraction=0.1"])
+    plain = load_data(base["data"], base["model"], vocab_size=512)
+    carved = load_data(tuned["data"], tuned["model"], vocab_size=512)
+    assert plain.validation is None
+    assert len(carved.validation) == 120 and len(carved.train) == 1080
+    # The test split is untouched; validation examples are training examples clients lose.
+    assert torch.equal(carved.test.tensors[0], plain.test.tensors[0])
+    assert torch.equal(carved.validation.tensors[0], plain.train.tensors[0][1080:])
+    assert len(carved.train_labels) == 1080
