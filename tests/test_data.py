@@ -70,7 +70,7 @@ def test_missing_label_column_is_a_clear_error(tmp_path):
     path.write_text(json.dumps({"text": "x", "topic": "a"}) + "\n")
     data_cfg = {"source": "jsonl", "path": str(path), "test_fraction": 0.25, "split_seed": 0,
                 "text_column": "text", "label_column": "label"}
-    with pytest.raises(ValueError, match="no label column 'label'"):
+    with pytest.raises(ValueError, match=r"d.jsonl:1: field 'label' is missing \(data.label_column\)"):
         load_data(data_cfg, TINY, vocab_size=512)
 
 
