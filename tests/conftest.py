@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -130,6 +131,16 @@ def run_fedlora(args: list[str], *, timeout: float = 900, check: bool = True
             f"{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
         )
     return proc
+
+
+def tutorial_command(page: str, prefix: str) -> list[str]:
+    """The arguments of the command a tutorial shows (docs/tutorials/PAGE, the line that
+    starts with ``prefix``), without the leading ``fedlora``: tests run the tutorials'
+    own commands, so a tutorial cannot drift from what is tested."""
+    for line in (ROOT / "docs" / "tutorials" / page).read_text().splitlines():
+        if line.strip().startswith(prefix):
+            return shlex.split(line.strip())[1:]
+    raise AssertionError(f"docs/tutorials/{page} shows no command starting with {prefix!r}")
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -8,10 +8,9 @@ import json
 
 import pytest
 
-from .conftest import read_metrics, run_fedlora
+from .conftest import read_metrics, run_fedlora, tutorial_command
 
 pytestmark = pytest.mark.integration
-TINY = ["model=tiny_bert", "data=synthetic"]
 NODES = 3
 
 
@@ -24,9 +23,10 @@ def test_secure_aggregation_over_tls_with_ledgers_on_the_nodes(tmp_path):
     (tests/test_dp_simulation.py)."""
     ledgers = tmp_path / "node-ledgers"
     run = tmp_path / "run"
-    proc = run_fedlora(["deploy", "local", "--nodes", str(NODES), "--ledger-root", str(ledgers),
-                        *TINY, "strategy=ffa", "privacy=dp", "privacy.epsilon=3",
-                        "run_name=edge-fed", "secure_aggregation=true", "federation.rounds=1",
+    # The local-deployment tutorial's own command, with this test's directories.
+    command = tutorial_command("local-deployment.md", "fedlora deploy local")
+    assert command[:3] == ["deploy", "local", "--nodes"] and int(command[3]) == NODES
+    proc = run_fedlora([*command, "--ledger-root", str(ledgers), "run_name=edge-fed",
                         f"hydra.run.dir={run}"])
     assert "TLS + node auth" in proc.stdout + proc.stderr
     (row,) = read_metrics(run)

@@ -7,18 +7,16 @@ import json
 import pytest
 import yaml
 
-from .conftest import read_metrics, run_fedlora
+from .conftest import read_metrics, run_fedlora, tutorial_command
 
 pytestmark = pytest.mark.integration
 
 
 def test_minilm_on_bbc_news_learns(tmp_path):
     run = tmp_path / "minilm"
-    run_fedlora(["simulate", "strategy=ffa", "data.max_train_examples=240",
-                 "data.max_test_examples=120", "model.max_length=32",
-                 "federation.num_clients=3", "federation.clients_per_round=3",
-                 "federation.rounds=2", "strategy.local_steps=6",
-                 "federation.fraction_evaluate=1.0", f"hydra.run.dir={run}"])
+    # The default-job tutorial's short run, as the tutorial shows it.
+    command = tutorial_command("default-job.md", "fedlora simulate privacy=none")
+    run_fedlora([*command, f"hydra.run.dir={run}"])
     rows = read_metrics(run)
     assert [r["round"] for r in rows] == [1, 2]
     assert all(len(r["clients"]) == 3 for r in rows)
