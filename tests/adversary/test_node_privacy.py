@@ -196,3 +196,28 @@ def test_noise_does_not_follow_torch_seed(tmp_path: Path) -> None:
         torch.manual_seed(0)  # whatever torch's global generator holds
         releases.append(flat(update(send(cfg, node_context(owner(tmp_path / str(k))), 1))))
     assert not torch.allclose(releases[0], releases[1])
+
+
+# -- finding 1, secure path: a round's masks never cover two different vectors -------------
+
+def test_secure_round_masks_cover_one_vector_only() -> None:
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+    from fedlora.client.replay import remember_masked, secure_again
+    from fedlora.privacy.policy import PolicyRefusal
+    from fedlora.task import messages as msgs
+
+    context = node_context({})
+    request = Message(RecordDict({msgs.CONFIG: ConfigRecord({"server-round": 3})}), 7, "train")
+    masked = np.arange(6, dtype=np.uint32)
+    reply = Message(RecordDict({msgs.METRICS: MetricRecord({"steps": 2.0})}), reply_to=request)
+    reply.content.array_records[msgs.SECAGG] = ArrayRecord({"masked": Array(masked)})
+    assert secure_again(request, context, 3, "request-a") is None  # not masked yet
+    remember_masked(context, 3, "request-a", reply)
+    again = secure_again(request, context, 3, "request-a")  # the same request: same bytes
+    assert np.array_equal(again.content.array_records[msgs.SECAGG]["masked"].numpy(), masked)
+    with pytest.raises(PolicyRefusal) as info:  # another request under the same masks
+        secure_again(request, context, 3, "request-b")
+    assert info.value.code == "secure-round-already-masked"
+    assert secure_again(request, context, 4, "request-b") is None  # a new round: new masks
