@@ -29,34 +29,54 @@ class ConfigError(ValueError):
 CLIENT_OPTIMIZERS = ("adamw", "sgd")
 
 
-def validate(cfg: Mapping[str, Any]) -> None:
-    """Check a resolved config (plain dict). Raises ConfigError listing every problem."""
-    from fedlora.aggregation import available_methods, get_method
+class _Checks:
+    """Collects every problem of a config (so all are reported at once) with two helpers:
+    ``need`` (a rule) and ``number`` (a typed, bounded number)."""
 
-    problems: list[str] = []
+    def __init__(self, cfg: Mapping[str, Any]):
+        self.cfg = cfg
+        self.problems: list[str] = []
 
-    def need(ok: bool, message: str) -> None:
+    def need(self, ok: bool, message: str) -> None:
         if not ok:
-            problems.append(message)
+            self.problems.append(message)
 
-    def number(section: str, key: str, low: float | None = None, *, above: bool = False,
+    def number(self, section: str, key: str, low: float | None = None, *, above: bool = False,
                integer: bool = False) -> float | None:
-        value = cfg.get(section, {}).get(key)
+        value = self.cfg.get(section, {}).get(key)
         if integer and (not isinstance(value, int) or isinstance(value, bool)):
-            problems.append(f"{section}.{key} must be an integer, got {value!r}")
+            self.problems.append(f"{section}.{key} must be an integer, got {value!r}")
             return None
         if not isinstance(value, (int, float)) or isinstance(value, bool):
-            problems.append(f"{section}.{key} must be a number, got {value!r}")
+            self.problems.append(f"{section}.{key} must be a number, got {value!r}")
             return None
         if low is not None and (value <= low if above else value < low):
-            problems.append(f"{section}.{key} must be {'>' if above else '>='} {low}, got {value}")
+            self.problems.append(
+                f"{section}.{key} must be {'>' if above else '>='} {low}, got {value}")
         return value
 
+
+def validate(cfg: Mapping[str, Any]) -> None:
+    """Check a resolved config (plain dict). Raises ConfigError listing every problem."""
     for section in ("model", "data", "strategy", "privacy", "federation"):
         if not isinstance(cfg.get(section), Mapping):
             raise ConfigError(f"config section {section!r} is missing")
+    checks = _Checks(cfg)
+    for rules in (_strategy_rules, _model_rules, _data_rules, _federation_rules,
+                  _privacy_rules, _runtime_rules):
+        rules(checks, cfg)
+    checks.problems.extend(_secure_sum_problems(cfg))
+    checks.problems.extend(partition_problems(cfg))
+    if checks.problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(checks.problems))
 
-    strategy, model, data, privacy = cfg["strategy"], cfg["model"], cfg["data"], cfg["privacy"]
+
+def _strategy_rules(checks: _Checks, cfg: Mapping[str, Any]) -> None:
+    """The method, its rates and optimizers, and its typed options."""
+    from fedlora.aggregation import available_methods, get_method
+
+    need, number, problems = checks.need, checks.number, checks.problems
+    strategy = cfg["strategy"]
     methods = available_methods()
     need(strategy.get("name") in methods,
          f"strategy.name {strategy.get('name')!r} is unknown; available: {', '.join(methods)}")
@@ -97,6 +117,11 @@ def validate(cfg: Mapping[str, Any]) -> None:
         except (TypeError, ValueError) as exc:
             problems.append(f"strategy.options: {exc}")
 
+
+
+def _model_rules(checks: _Checks, cfg: Mapping[str, Any]) -> None:
+    need, number = checks.need, checks.number
+    model = cfg["model"]
     need(model.get("source") in MODEL_SOURCES,
          f"model.source must be one of {MODEL_SOURCES}, got {model.get('source')!r}")
     need(model.get("task") in ("classification", "causal_lm"),
@@ -111,6 +136,11 @@ def validate(cfg: Mapping[str, Any]) -> None:
         need(path not in (None, "???") and (Path(str(path)) / "config.json").is_file(),
              f"model.path {path!r} is not a local Hugging Face model directory")
 
+
+
+def _data_rules(checks: _Checks, cfg: Mapping[str, Any]) -> None:
+    need, number, problems = checks.need, checks.number, checks.problems
+    data = cfg["data"]
     need(data.get("source") in DATA_SOURCES,
          f"data.source must be one of {DATA_SOURCES}, got {data.get('source')!r}")
     if data.get("source") in ("csv", "jsonl", "disk"):
@@ -124,6 +154,12 @@ def validate(cfg: Mapping[str, Any]) -> None:
         fraction = number("data", "test_fraction", 0, above=True)
         need(fraction is None or fraction < 1, f"data.test_fraction must be < 1, got {fraction}")
 
+
+
+def _federation_rules(checks: _Checks, cfg: Mapping[str, Any]) -> None:
+    """Sizes of the federation, and client evaluation under DP (outside the guarantee)."""
+    need, number, problems = checks.need, checks.number, checks.problems
+    privacy = cfg["privacy"]
     clients = number("federation", "num_clients", 1, integer=True)
     per_round = number("federation", "clients_per_round", 1, integer=True)
     minimum = number("federation", "min_clients", 1, integer=True)
@@ -147,6 +183,11 @@ def validate(cfg: Mapping[str, Any]) -> None:
             f"federation.min_clients ({minimum}) exceeds federation.clients_per_round ({per_round})"
         )
 
+
+
+def _privacy_rules(checks: _Checks, cfg: Mapping[str, Any]) -> None:
+    need, number = checks.need, checks.number
+    privacy = cfg["privacy"]
     if privacy.get("enabled"):
         number("privacy", "epsilon", 0, above=True)
         delta = number("privacy", "delta", 0, above=True)
@@ -158,15 +199,14 @@ def validate(cfg: Mapping[str, Any]) -> None:
              f"privacy.grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got "
              f"{privacy.get('grad_sample_mode')!r}")
 
-    problems.extend(_secure_sum_problems(cfg))
-    problems.extend(partition_problems(cfg))
-    need(cfg.get("wire_dtype") in WIRE_DTYPES,
-         f"wire_dtype must be one of {WIRE_DTYPES}, got {cfg.get('wire_dtype')!r}")
+
+
+def _runtime_rules(checks: _Checks, cfg: Mapping[str, Any]) -> None:
+    checks.need(cfg.get("wire_dtype") in WIRE_DTYPES,
+                f"wire_dtype must be one of {WIRE_DTYPES}, got {cfg.get('wire_dtype')!r}")
     device = str(cfg.get("device"))
-    need(device in ("cpu", "auto") or device.startswith("cuda"),
-         f"device must be cpu, cuda[:N] or auto, got {device!r}")
-    if problems:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    checks.need(device in ("cpu", "auto") or device.startswith("cuda"),
+                f"device must be cpu, cuda[:N] or auto, got {device!r}")
 
 
 def _secure_sum_problems(cfg: Mapping[str, Any]) -> list[str]:
