@@ -30,8 +30,11 @@ from fedlora.aggregation import (
     Factors,
     GlobalState,
     Method,
+    as_factor,
+    require_downlink,
     shared_a,
     spec_from_meta,
+    weighted_sum,
 )
 
 
@@ -61,11 +64,12 @@ class FrozenB(Method):
 
     def aggregate(self, state: GlobalState, updates: Sequence[ClientUpdate]) -> GlobalState:
         p = self._check_updates(state, updates)
-        factors = {}
-        for m in state.meta["shapes"]:
-            mean = sum(pk * u.factors[m]["A"].double() for pk, u in zip(p, updates, strict=True))
-            factors[m] = {"A": torch.as_tensor(mean).float().contiguous(),
-                          "B": state.factors[m]["B"]}
+        factors = {
+            # B is never modified, so the new state may share it with the old one.
+            m: {"A": as_factor(weighted_sum([u.factors[m]["A"] for u in updates], p)),
+                "B": state.factors[m]["B"]}
+            for m in state.meta["shapes"]
+        }
         return self._next(state, factors, updates, p)
 
     def downlink(self, state: GlobalState, *, first_contact: bool = False,
@@ -77,12 +81,11 @@ class FrozenB(Method):
         round: int = 1,
     ) -> ClientStart:
         r = self._fixed_rank(spec, rank)
-        init = {}
-        for m, (d_out, _) in spec.shapes.items():
-            if m not in downlink or "A" not in downlink[m]:
-                raise ValueError(f"downlink for module {m!r} lacks roles ['A']")
-            init[m] = {"A": downlink[m]["A"].detach().clone(),
-                       "B": shared_b(spec.seed, m, r, d_out)}
+        require_downlink(downlink, spec, ("A",))
+        init = {
+            m: {"A": downlink[m]["A"].detach().clone(), "B": shared_b(spec.seed, m, r, d_out)}
+            for m, (d_out, _) in spec.shapes.items()
+        }
         return ClientStart(
             init=init, trainable=self.client_trains, base_delta={}, rank=r, scaling=spec.scaling
         )
