@@ -24,6 +24,7 @@ from fedlora.privacy import (
     ledger_filename,
     validate_delta,
 )
+from fedlora.privacy.ledger_file import lifetime_key
 from fedlora.privacy.policy import NodePolicy, PolicyRefusal
 from fedlora.task.files import atomic_write
 from fedlora.task.training import local_sample_rate
@@ -110,7 +111,7 @@ def dp_setup(cfg: dict[str, Any], node: NodeIdentity, policy: NodePolicy, num_ex
                               secure_mode=bool(privacy.get("secure_mode", False)))
     except ValueError as exc:
         raise PolicyRefusal("invalid-batch", str(exc)) from exc
-    key = f"data-{node.data_fingerprint()}"
+    key = lifetime_key(node.data_fingerprint())
     path = node.ledger_dir / ledger_filename(key, node.name)
     marker = marker_path(node.key_dir, path)
     if marker.exists() and not path.exists():

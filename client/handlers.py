@@ -148,7 +148,7 @@ def train(msg: Message, context: Context, cfg: dict[str, Any], config: ConfigRec
     dp = dp_setup(node.cfg, node, policy, len(dataset), runtime.method.init_round_steps())
     downlink_bytes = msgs.envelope_bytes(msg.content)
     downlink = decode(downlink_bytes)
-    cache = None
+    cache, request = None, None
     if dp is not None:
         request = request_digest(msg, downlink_bytes, cfg)
         if _secure(msg):
@@ -163,7 +163,8 @@ def train(msg: Message, context: Context, cfg: dict[str, Any], config: ConfigRec
                           round_)
                 return _reply(msg, cached[0], cached[1])
     if phase == msgs.PHASE_INIT:
-        return _init_round(msg, context, runtime, node, dataset, dp, round_, release, cache)
+        return _init_round(msg, context, runtime, node, dataset, dp, round_, release, cache,
+                           request)
 
     factors = with_kept_factors(context, runtime, downlink.factors)
     start = runtime.method.client_start(factors, runtime.spec, rank=node.rank,
@@ -200,7 +201,8 @@ def train(msg: Message, context: Context, cfg: dict[str, Any], config: ConfigRec
         uplink = runtime.method.uplink_in_round(round_)
         started = named({m: {r: roles[r] for r in uplink} for m, roles in start.init.items()},
                         downlink.head)
-        return _masked(msg, context, release, trained, started, config, result.epsilon, dp)
+        return _masked(msg, context, release, trained, started, config, result.epsilon, dp,
+                       request)
     data = encode(envelope, cfg["wire_dtype"])
     if fault is not None:
         # str(): Hydra reads the kinds nan and inf as floats.
@@ -218,7 +220,7 @@ def train(msg: Message, context: Context, cfg: dict[str, Any], config: ConfigRec
 
 def _init_round(msg: Message, context: Context, runtime: ClientRuntime, node: NodeIdentity,
                 dataset, dp: DPSetup | None, round_: int, release: _Release,
-                cache: ReplayCache | None) -> Message:
+                cache: ReplayCache | None, request: str | None) -> Message:
     """The method's init round: a (DP) gradient estimate of every target weight, sent as
     the method's init payload (the estimate itself, or e.g. a linear sketch of it)."""
     unsupported = sorted(set(runtime.method.init_round_roles) - set(_INIT_ROLES))
@@ -255,7 +257,7 @@ def _init_round(msg: Message, context: Context, runtime: ClientRuntime, node: No
                  for m, roles in envelope.factors.items()}
         return _masked(msg, context, release, named(envelope.factors, {}), named(zeros, {}),
                        msg.content.config_records[msgs.CONFIG],
-                       None if dp is None else dp.ledger.epsilon_spent, dp)
+                       None if dp is None else dp.ledger.epsilon_spent, dp, request)
     data = encode(envelope, runtime.cfg["wire_dtype"])
     metrics = {"bytes-up": float(len(data))}
     if dp is not None:
@@ -273,17 +275,17 @@ def _secure(msg: Message) -> bool:
 
 
 def _masked(msg: Message, context: Context, release: _Release, trained, started,
-            config: ConfigRecord, epsilon: float | None, dp: DPSetup | None) -> Message:
-    """Reply with the masked contribution and the released metrics, nothing else."""
+            config: ConfigRecord, epsilon: float | None, dp: DPSetup | None,
+            request: str | None) -> Message:
+    """Reply with the masked contribution and the released metrics, nothing else; under
+    DP the reply is kept for ``request`` (replay.py: a round's masks cover one vector)."""
     _, vector = contribution(trained, started, config)
     metrics: dict[str, float] = {}
     if dp is not None and epsilon is not None:
         metrics.update(released_metrics(epsilon, dp, declared_size=release.declared))
     reply = secure.masked_reply(release.reply(msg, None, None, metrics), msg, context, vector)
-    if dp is not None:
-        remember_masked(context, int(config["server-round"]), request_digest(
-            msg, msgs.envelope_bytes(msg.content), json.loads(str(config[msgs.JOB_CONFIG_KEY]))),
-            reply)
+    if request is not None:
+        remember_masked(context, int(config["server-round"]), request, reply)
     return reply
 
 

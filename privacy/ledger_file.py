@@ -40,6 +40,20 @@ def ledger_filename(federation: str, node: str) -> str:
     return f"{_slug(federation)}--{_slug(node)}--{digest}.privacy.json"
 
 
+# A node's lifetime ledger is keyed by its data's fingerprint under this prefix, so the
+# simulation's reports can tell node ledgers from the server's client-level one.
+LIFETIME_PREFIX = "data-"
+
+
+def lifetime_key(fingerprint: str) -> str:
+    """The ledger key of a node's lifetime ledger for the data with ``fingerprint``."""
+    return f"{LIFETIME_PREFIX}{fingerprint}"
+
+
+def is_lifetime_key(federation: str) -> bool:
+    return str(federation).startswith(LIFETIME_PREFIX)
+
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)

@@ -18,11 +18,10 @@ from flwr.serverapp import Grid, ServerApp
 from fedlora.aggregation import get_method
 from fedlora.task.release import client_level_statement, privacy_statement
 
-from .client_dp import LEDGER_NODE as CLIENT_LEVEL_NODE
 from .evaluation import CentralEvaluator
 from .loop import FederationLoop
 from .progress import Progress
-from .report import plot, summarize, summary_table, write_json_atomic
+from .report import plot, simulated_node_ledgers, summarize, summary_table, write_json_atomic
 
 _log = logging.getLogger(__name__)
 
@@ -51,19 +50,12 @@ def _local_ledger_replay(cfg: dict[str, Any]) -> float | None:
     their size). None where ledgers live on the nodes."""
     from fedlora.privacy import LedgerError, PrivacyLedger
 
-    ledger_dir = cfg.get("ledger_dir")
-    if not ledger_dir or not Path(ledger_dir).is_dir():
-        return None
     spent = []
-    for path in sorted(Path(ledger_dir).glob("*.privacy.json")):
+    for path, _ in simulated_node_ledgers(cfg):
         try:
-            ledger = PrivacyLedger.load(path)
+            spent.append(PrivacyLedger.load(path).epsilon_spent)  # a fresh replay
         except LedgerError:
             continue
-        # The server's client-level ledger sits in the same directory: another guarantee,
-        # reported as client_level_epsilon, never mixed into the sample-level figure.
-        if ledger.federation.startswith("data-") and ledger.node != CLIENT_LEVEL_NODE:
-            spent.append(ledger.epsilon_spent)
     return max(spent, default=None)
 
 

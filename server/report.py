@@ -8,24 +8,39 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedlora.privacy.ledger_file import is_lifetime_key
 from fedlora.task.files import atomic_write
+
+from .client_dp import LEDGER_NODE as CLIENT_LEVEL_NODE
+
+
+def simulated_node_ledgers(cfg: dict[str, Any]) -> list[tuple[Path, dict[str, Any]]]:
+    """In simulation only (the job names the nodes' ledger directory; a deployment never
+    does): (path, content) of the simulated nodes' lifetime ledgers, sorted by path. The
+    server's client-level ledger in the same directory is another guarantee: left out.
+    Private nodes release no epsilon (it depends on N_k); the simulation's owner reads its
+    own nodes' ledgers."""
+    ledger_dir = cfg.get("ledger_dir")
+    if not ledger_dir or not Path(ledger_dir).is_dir():
+        return []
+    ledgers = []
+    for path in sorted(Path(ledger_dir).glob("*.privacy.json")):
+        try:
+            ledger = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # a ledger being replaced this instant: the next read gets it
+        if (isinstance(ledger, dict) and is_lifetime_key(ledger.get("federation", ""))
+                and ledger.get("node") != CLIENT_LEVEL_NODE):
+            ledgers.append((path, ledger))
+    return ledgers
 
 
 def simulated_spend(cfg: dict[str, Any]) -> float | None:
-    """In simulation only (the job names the nodes' ledger directory; a deployment never
-    does): the largest epsilon the simulated nodes' ledgers hold. Private nodes release no
-    epsilon (it depends on N_k); the simulation's owner reads its own nodes' ledgers."""
-    ledger_dir = cfg.get("ledger_dir")
-    if not ledger_dir or not cfg.get("privacy", {}).get("enabled"):
+    """The largest epsilon the simulated nodes' ledgers record (None outside simulation)."""
+    if not cfg.get("privacy", {}).get("enabled"):
         return None
-    spent = []
-    for path in Path(ledger_dir).glob("*.privacy.json"):
-        try:
-            ledger = json.loads(path.read_text(encoding="utf-8"))
-            if str(ledger["federation"]).startswith("data-"):  # nodes' lifetime ledgers only
-                spent.append(float(ledger["epsilon_spent"]))
-        except (OSError, ValueError, KeyError):
-            continue  # a ledger being replaced this instant: the next round reads it
+    spent = [float(ledger["epsilon_spent"]) for _, ledger in simulated_node_ledgers(cfg)
+             if "epsilon_spent" in ledger]
     return max(spent) if spent else None
 
 
