@@ -40,7 +40,6 @@ class DPSetup:
     ledger: PrivacyLedger
     run: str  # the job's run label: what the per-run step rule counts under
     job_epsilon: float  # what the noise is calibrated for (within the policy)
-    delta: float  # the job's delta (the ledger accounts at the policy's, never smaller)
     planned_steps: int
 
     @property
@@ -130,4 +129,4 @@ def dp_setup(cfg: dict[str, Any], node: NodeIdentity, policy: NodePolicy, num_ex
     if not marker.exists():
         node.key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         atomic_write(marker, f"{path}\n".encode(), mode=0o600)
-    return DPSetup(settings, ledger, str(cfg["run_name"]), job_epsilon, delta, planned)
+    return DPSetup(settings, ledger, str(cfg["run_name"]), job_epsilon, planned)

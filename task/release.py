@@ -115,7 +115,8 @@ def released_privacy(epsilon: float, setup: Any, *,
     """The envelope's privacy message under DP: public figures, and the epsilon spent
     (rounded up) only where the node declared its size public."""
     out: dict[str, float | int | str] = {
-        "delta": float(setup.delta), "max_grad_norm": setup.settings.max_grad_norm,
+        # The delta the ledger accounts at: the released epsilon is at this delta.
+        "delta": float(setup.ledger.delta), "max_grad_norm": setup.settings.max_grad_norm,
         "steps": int(setup.run_steps()), "accountant": setup.ledger.mechanism}
     if declared_size:
         out["epsilon"] = round_up(epsilon)

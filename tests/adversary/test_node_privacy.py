@@ -221,3 +221,16 @@ def test_secure_round_masks_cover_one_vector_only() -> None:
         secure_again(request, context, 3, "request-b")
     assert info.value.code == "secure-round-already-masked"
     assert secure_again(request, context, 4, "request-b") is None  # a new round: new masks
+
+
+def test_released_epsilon_is_paired_with_the_delta_it_was_computed_at(tmp_path: Path) -> None:
+    # The owner's lifetime delta is looser than the job's: the ledger accounts at the
+    # owner's, so the released pair must name that delta (a smaller one would understate).
+    cfg = job("run_name=t", "privacy.delta=1e-5")
+    owner_cfg = owner(tmp_path, **{"public-num-examples": 1000, "max-delta": 1e-4,
+                                   "max-epsilon": 8})
+    reply = send(cfg, node_context(owner_cfg), 1)
+    metrics = reply.content.metric_records["metrics"]
+    (ledger,) = _ledgers(tmp_path)
+    assert ledger["delta"] == metrics["delta"] == update(reply).privacy["delta"] == 1e-4
+    assert metrics["epsilon"] >= ledger["epsilon_spent"]
