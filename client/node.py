@@ -17,6 +17,7 @@ job's ``simulation.node_config`` gives per-partition node config).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -40,9 +41,18 @@ def simulated() -> bool:
 
 
 def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
+    """The digest of a data file (or a directory's files), read once per process while the
+    files keep their size and modification time: simulated nodes ask every round."""
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
+    stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _digest_of(path, stamp)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest_of(path: Path, stamp: tuple[tuple[str, int, int], ...]) -> str:
+    digest = hashlib.sha256()
+    for name, _, _ in stamp:
+        file = Path(name)
         digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
         with open(file, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
