@@ -305,7 +305,7 @@ class Method(ABC):
 
     def _check_unit_interval(self, key: str) -> None:
         """An option that must be a number in [0, 1) (e.g. a relative SVD cut-off)."""
-        value = self.options[key]
+        value = getattr(self.opts, key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
             raise ValueError(f"{self.name}: {key} must be a number in [0, 1), got {value!r}")
 

@@ -79,8 +79,8 @@ class FedExLoRA(Method):
 
     def _check_options(self) -> None:
         super()._check_options()
-        if not isinstance(self.options["compress"], bool):
-            raise ValueError(f"fedex: compress must be true/false, got {self.options['compress']!r}")
+        if not isinstance(self.opts.compress, bool):
+            raise ValueError(f"fedex: compress must be true/false, got {self.opts.compress!r}")
         self._check_unit_interval("rtol")
 
     # -- server side -------------------------------------------------------------------
@@ -119,7 +119,7 @@ class FedExLoRA(Method):
                 torch.mul(u.factors[m]["A"].float(), pk * u.scaling, out=v_new[row : row + r])
                 row += r
             torch.mul(a, -s, out=v_new[row:])
-            if self.options["compress"] or u_new.shape[1] > min(d_out, d_in):
+            if self.opts.compress or u_new.shape[1] > min(d_out, d_in):
                 u_new, v_new = self._compress(u_new, v_new)
             factors[m] = {"A": a, "B": b, "U": as_factor(u_new), "V": as_factor(v_new)}
         return self._next(state, factors, updates, p)
@@ -130,7 +130,7 @@ class FedExLoRA(Method):
         floor = _ROUNDOFF * float(u.double().norm()) * float(v.double().norm())
         if sv.numel() == 0 or float(sv[0]) <= floor:
             return torch.zeros(u.shape[0], 0), torch.zeros(0, v.shape[1])
-        keep = int((sv > max(self.options["rtol"] * float(sv[0]), floor)).sum())
+        keep = int((sv > max(self.opts.rtol * float(sv[0]), floor)).sum())
         return as_factor(ul[:, :keep] * sv[:keep]), as_factor(vt[:keep])
 
     def downlink(self, state: GlobalState, *, first_contact: bool = False,

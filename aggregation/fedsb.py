@@ -123,23 +123,23 @@ class FedSB(Method):
 
     def __init__(self, weighting: str = "examples", **options: Any) -> None:
         super().__init__(weighting, **options)
-        self.init_round_roles = ("Y", "W") if self.options["init_sketch"] else ("G",)
+        self.init_round_roles = ("Y", "W") if self.opts.init_sketch else ("G",)
 
     def init_round_steps(self) -> int:
-        return int(self.options["init_batches"])
+        return int(self.opts.init_batches)
 
     def init_from_updates(
         self, spec: AdapterSpec, updates: Sequence[ClientUpdate],
         head: dict[str, torch.Tensor] | None = None,
     ) -> GlobalState:
-        init = self.init_from_sketches if self.options["init_sketch"] else self.init_from_gradients
-        return init(spec, updates, lr=float(self.options["init_lr"]), head=head)
+        init = self.init_from_sketches if self.opts.init_sketch else self.init_from_gradients
+        return init(spec, updates, lr=float(self.opts.init_lr), head=head)
 
     # -- the sketched init round ---------------------------------------------------------
     def sketch_sizes(self, d_out: int, d_in: int, rank: int) -> tuple[int, int]:
         """(k, l): columns of Y = G Omega and rows of W = Psi G for one module."""
-        k = min(self.options["sketch_range"] or 2 * rank, d_out, d_in)
-        l = min(max(self.options["sketch_corange"] or 2 * k, k), d_out)  # noqa: E741
+        k = min(self.opts.sketch_range or 2 * rank, d_out, d_in)
+        l = min(max(self.opts.sketch_corange or 2 * k, k), d_out)  # noqa: E741
         return k, l
 
     def _test_matrices(self, spec: AdapterSpec, module: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,7 +151,7 @@ class FedSB(Method):
                             ) -> Factors:
         """The sketch (Y, W) = (G Omega, Psi G) of each estimate, or G itself
         (init_sketch=false). Applied to the DP estimate: post-processing."""
-        if not self.options["init_sketch"]:
+        if not self.opts.init_sketch:
             return super().client_init_payload(grads, spec)
         out: Factors = {}
         for m, g in grads.items():
@@ -160,7 +160,7 @@ class FedSB(Method):
         return out
 
     def init_round_shapes(self, spec: AdapterSpec) -> dict[str, dict[str, tuple[int, int]]]:
-        if not self.options["init_sketch"]:
+        if not self.opts.init_sketch:
             return super().init_round_shapes(spec)
         out = {}
         for m, (d_out, d_in) in spec.shapes.items():
@@ -169,7 +169,7 @@ class FedSB(Method):
         return out
 
     def init_uplink_floats(self, d_out: int, d_in: int, rank: int) -> int:
-        if not self.options["init_sketch"]:
+        if not self.opts.init_sketch:
             return d_out * d_in
         k, l = self.sketch_sizes(d_out, d_in, rank)  # noqa: E741
         return k * d_out + l * d_in
@@ -206,7 +206,7 @@ class FedSB(Method):
             if norm2 <= 0.0:
                 factors[m] = _random_factors(spec, m)
                 continue
-            if self.options["sketch_direction"] == "sign":
+            if self.opts.sketch_direction == "sign":
                 q, x = sketch_recover(y, w, psi)
                 # One dense d_out x d_in at a time, as the full-G path holds Gbar.
                 factors[m] = self._sign_init(q.float() @ x.float(), spec, m, lr)
@@ -310,16 +310,16 @@ class FedSB(Method):
         """Top-``rank`` (U, S, V) of dw in float64, V not transposed."""
         small = min(dw.shape)
         k = min(rank, small)
-        mode = self.options["init_svd"]
+        mode = self.opts.init_svd
         if mode == "exact" or (mode == "auto" and small <= EXACT_SVD_MAX_DIM):
             u, s, vh = torch.linalg.svd(dw.double(), full_matrices=False)
             return u[:, :k], s[:k], vh[:k].T
-        q = min(rank + self.options["oversample"], small)
+        q = min(rank + self.opts.oversample, small)
         # svd_lowrank draws from the global RNG: fork it so the result is a function of
         # (seed, module) and the caller's RNG stream is left untouched.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            u, s, v = torch.svd_lowrank(dw.float(), q=q, niter=self.options["niter"])
+            u, s, v = torch.svd_lowrank(dw.float(), q=q, niter=self.opts.niter)
         return u[:, :k].double(), s[:k].double(), v[:, :k].double()
 
     # -- rounds ----------------------------------------------------------------------------

@@ -95,7 +95,7 @@ class FedSVD(Method):
 
     def _check_options(self) -> None:
         super()._check_options()
-        period = self.options["period"]
+        period = self.opts.period
         if isinstance(period, bool) or not isinstance(period, int) or period < 1:
             raise ValueError(f"fedsvd: period must be an integer >= 1, got {period!r}")
 
@@ -113,7 +113,7 @@ class FedSVD(Method):
 
     def refactorizes(self, round: int) -> bool:
         """Whether the aggregation that completes ``round`` (1-based) refactorizes."""
-        return round % self.options["period"] == 0
+        return round % self.opts.period == 0
 
     def aggregate(self, state: GlobalState, updates: Sequence[ClientUpdate]) -> GlobalState:
         p = self._check_updates(state, updates)

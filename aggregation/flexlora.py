@@ -82,12 +82,12 @@ class FlexLoRA(Method):
     def client_rank(self, spec: AdapterSpec, partition: int, declared: int | None = None) -> int:
         if declared is not None:
             return int(declared)  # the node's own rank (its memory budget)
-        ranks = self.options["ranks"]
+        ranks = self.opts.ranks
         return int(ranks[partition % len(ranks)])
 
     def _check_options(self) -> None:
         super()._check_options()
-        ranks = self.options["ranks"]
+        ranks = self.opts.ranks
         if not isinstance(ranks, list) or not ranks or not all(is_int(r) and r >= 1 for r in ranks):
             raise ValueError(
                 f"flexlora: ranks must be a non-empty list of integers >= 1, got {ranks!r}"
@@ -123,7 +123,7 @@ class FlexLoRA(Method):
         ul, s, vt = qr_svd(b, a)
         if s.numel() == 0 or float(s[0]) == 0.0:
             return {"U": torch.zeros(b.shape[0], 0), "V": torch.zeros(0, a.shape[1])}
-        keep = int((s > self.options["rtol"] * s[0]).sum())
+        keep = int((s > self.opts.rtol * s[0]).sum())
         root = s[:keep].sqrt()
         return {"U": as_factor(ul[:, :keep] * root), "V": as_factor(root[:, None] * vt[:keep])}
 

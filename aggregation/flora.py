@@ -85,19 +85,19 @@ class FLoRA(Method):
     def client_rank(self, spec: AdapterSpec, partition: int, declared: int | None = None) -> int:
         if declared is not None:
             return int(declared)  # the node's own rank (its memory budget)
-        ranks = self.options["ranks"]
+        ranks = self.opts.ranks
         return int(ranks[partition % len(ranks)])
 
     def _check_options(self) -> None:
         super()._check_options()
-        ranks = self.options["ranks"]
+        ranks = self.opts.ranks
         if not isinstance(ranks, list) or not ranks or not all(is_int(r) and r >= 1 for r in ranks):
             raise ValueError(f"flora: ranks must be a non-empty list of integers >= 1, got {ranks!r}")
-        if not isinstance(self.options["alpha_per_rank"], bool):
+        if not isinstance(self.opts.alpha_per_rank, bool):
             raise ValueError(f"flora: alpha_per_rank must be true/false, got "
-                             f"{self.options['alpha_per_rank']!r}")
-        if not isinstance(self.options["compress"], bool):
-            raise ValueError(f"flora: compress must be true/false, got {self.options['compress']!r}")
+                             f"{self.opts.alpha_per_rank!r}")
+        if not isinstance(self.opts.compress, bool):
+            raise ValueError(f"flora: compress must be true/false, got {self.opts.compress!r}")
         self._check_unit_interval("rtol")
 
     def init_state(
@@ -121,7 +121,7 @@ class FLoRA(Method):
             b_new = Stacked.of([acc["B"], *(u.factors[m]["B"] for u in updates)], ones, axis=1)
             a_new = Stacked.of([acc["A"], *(u.factors[m]["A"] for u in updates)],
                                [1.0, *scales], axis=0)
-            if self.options["compress"] or b_new.shape[1] > min(d_out, d_in):
+            if self.opts.compress or b_new.shape[1] > min(d_out, d_in):
                 factors[m] = dict(zip(("B", "A"), self._compress(b_new, a_new), strict=True))
             else:
                 factors[m] = {"B": b_new, "A": a_new}
@@ -134,7 +134,7 @@ class FLoRA(Method):
         u, s, vt = qr_svd(b, a)
         if s.numel() == 0 or float(s[0]) == 0.0:
             return torch.zeros(b.shape[0], 0), torch.zeros(0, a.shape[1])
-        keep = int((s > self.options["rtol"] * s[0]).sum())
+        keep = int((s > self.opts.rtol * s[0]).sum())
         return as_factor(u[:, :keep] * s[:keep]), as_factor(vt[:keep])
 
     def downlink(self, state: GlobalState, *, first_contact: bool = False,
@@ -164,7 +164,7 @@ class FLoRA(Method):
             # the merged weights.
             init[m] = {"A": shared_a(seed, m, r, d_in), "B": torch.zeros(d_out, r)}
         # s_k travels with the update (ClientUpdate.scaling) and is folded into the stack.
-        scaling = spec.scaling if self.options["alpha_per_rank"] else spec.alpha / r
+        scaling = spec.scaling if self.opts.alpha_per_rank else spec.alpha / r
         return ClientStart(
             init=init, trainable=self.client_trains, base_delta=base_delta, rank=r,
             scaling=scaling,

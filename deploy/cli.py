@@ -92,6 +92,27 @@ def _audit(rest: list[str]) -> int:
     return audit_main(rest)
 
 
+# Hydra's own flags that take a value (the next argument), and --info's optional one.
+_HYDRA_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp",
+                      "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"}
+_INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+def _overrides_in(args: list[str]) -> list[str]:
+    """The overrides among Hydra's command-line arguments (its flags and their values out)."""
+    out, skip = [], False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+        elif arg in _HYDRA_VALUE_FLAGS:
+            skip = True
+        elif arg in ("--info", "-i"):
+            skip = i + 1 < len(args) and args[i + 1] in _INFO_TOPICS
+        elif not arg.startswith("-"):
+            out.append(arg)
+    return out
+
+
 def _simulate(rest: list[str]) -> int:
     """Hydra owns the argument list: overrides, -m for multirun, hydra.run.dir=..."""
     import hydra
@@ -100,10 +121,16 @@ def _simulate(rest: list[str]) -> int:
     from omegaconf import DictConfig, OmegaConf
 
     from fedlora.task.config import ConfigError, check_overrides
+    from fedlora.task.schema import override_problems
 
     from .simulate import RunFailed, prepare_run, run_simulation, stop_everything
 
     _quiet()
+    problems = override_problems(_overrides_in(rest))
+    if problems:  # every wrong type at once, before Hydra (which stops at the first)
+        print("fedlora: invalid configuration:\n  - " + "\n  - ".join(problems),
+              file=sys.stderr)
+        return 2
     status = {"code": 0}
 
     @hydra.main(config_path="pkg://fedlora.conf", config_name="config", version_base=None)

@@ -4,8 +4,8 @@
   with what it trains, sends and whether it aggregates exactly, and its bytes per module
   per round at MiniLM's shapes.
 - ``<!-- fedlora:options -->``: every method's typed options with default and help.
-- ``<!-- fedlora:config -->``: every key of the default job (conf/config.yaml composed
-  with its defaults) with its default value.
+- ``<!-- fedlora:config -->``: every key of the job schema (task/schema.py) with its type,
+  its value in the default job and its meaning.
 - ``<!-- fedlora:refusals -->``: the node's fixed refusal codes (privacy/policy.py).
 """
 
@@ -66,21 +66,18 @@ def _options_table() -> str:
     return "\n".join(rows)
 
 
-def _flatten(prefix: str, value: Any, out: list[tuple[str, Any]]) -> None:
-    if isinstance(value, dict) and value:
-        for key in sorted(value):
-            _flatten(f"{prefix}.{key}" if prefix else key, value[key], out)
-    else:
-        out.append((prefix, value))
-
-
 def _config_table() -> str:
     from fedlora.task.config import compose_job
+    from fedlora.task.schema import schema_default, schema_fields, type_words
 
-    flat: list[tuple[str, Any]] = []
-    _flatten("", compose_job([]), flat)
-    rows = ["| key | default (the default job) |", "|---|---|"]
-    rows += [f"| `{key}` | `{json.dumps(value, default=str)}` |" for key, value in flat]
+    job = compose_job([])
+    rows = ["| key | type | default job | meaning |", "|---|---|---|---|"]
+    for key, f in schema_fields():
+        value: Any = job
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else schema_default(f)
+        rows.append(f"| `{key}` | {type_words(f)} | `{json.dumps(value, default=str)}` | "
+                    f"{f.metadata.get('help', '')} |")
     return "\n".join(rows)
 
 

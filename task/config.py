@@ -10,203 +10,138 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedlora.privacy import ACCOUNTANTS, GRAD_SAMPLE_MODES
-from fedlora.protos import WIRE_DTYPES
-
-from .models import POOLINGS
 from .partition import partition_problems, size_problems
+from .schema import schema_problems
 from .secagg_ring import MAX_BITS, check_sum_fits
 from .training import LRSchedule, ServerOptimizerConfig
-
-MODEL_SOURCES = ("package", "path", "tiny_bert", "tiny_llama")
-DATA_SOURCES = ("bbc_news", "csv", "jsonl", "disk", "synthetic")
 
 
 class ConfigError(ValueError):
     """An invalid configuration value; the message lists every problem found."""
 
 
-CLIENT_OPTIMIZERS = ("adamw", "sgd")
-
-
-class _Checks:
-    """Collects every problem of a config (so all are reported at once) with two helpers:
-    ``need`` (a rule) and ``number`` (a typed, bounded number)."""
-
-    def __init__(self, cfg: Mapping[str, Any]):
-        self.cfg = cfg
-        self.problems: list[str] = []
-
-    def need(self, ok: bool, message: str) -> None:
-        if not ok:
-            self.problems.append(message)
-
-    def number(self, section: str, key: str, low: float | None = None, *, above: bool = False,
-               integer: bool = False) -> float | None:
-        value = self.cfg.get(section, {}).get(key)
-        if integer and (not isinstance(value, int) or isinstance(value, bool)):
-            self.problems.append(f"{section}.{key} must be an integer, got {value!r}")
-            return None
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            self.problems.append(f"{section}.{key} must be a number, got {value!r}")
-            return None
-        if low is not None and (value <= low if above else value < low):
-            self.problems.append(
-                f"{section}.{key} must be {'>' if above else '>='} {low}, got {value}")
-        return value
-
-
 def validate(cfg: Mapping[str, Any]) -> None:
-    """Check a resolved config (plain dict). Raises ConfigError listing every problem."""
+    """Check a resolved config (plain dict). Raises ConfigError listing every problem.
+
+    Types, bounds and choices come from the schema (task/schema.py); the rules below are
+    the ones that span several keys or need the method registry or the file system."""
     for section in ("model", "data", "strategy", "privacy", "federation"):
         if not isinstance(cfg.get(section), Mapping):
             raise ConfigError(f"config section {section!r} is missing")
-    checks = _Checks(cfg)
-    for rules in (_strategy_rules, _model_rules, _data_rules, _federation_rules,
-                  _privacy_rules, _runtime_rules):
-        rules(checks, cfg)
-    checks.problems.extend(_secure_sum_problems(cfg))
-    checks.problems.extend(partition_problems(cfg))
-    if checks.problems:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(checks.problems))
+    problems = schema_problems(cfg)
+    for rules in (_method_rules, _training_rules, _model_rules, _data_rules,
+                  _federation_rules, _privacy_rules, _device_rules):
+        problems.extend(rules(cfg))
+    problems.extend(_secure_sum_problems(cfg))
+    problems.extend(partition_problems(cfg))
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
-def _strategy_rules(checks: _Checks, cfg: Mapping[str, Any]) -> None:
-    """The method, its rates and optimizers, and its typed options."""
+def _method_rules(cfg: Mapping[str, Any]) -> list[str]:
+    """The method exists, its typed options hold, and a server optimizer suits it."""
     from fedlora.aggregation import available_methods, get_method
 
-    need, number, problems = checks.need, checks.number, checks.problems
     strategy = cfg["strategy"]
-    methods = available_methods()
-    need(strategy.get("name") in methods,
-         f"strategy.name {strategy.get('name')!r} is unknown; available: {', '.join(methods)}")
-    number("strategy", "rank", 1, integer=True)
-    number("strategy", "alpha", 0, above=True)
-    number("strategy", "lr", 0, above=True)
-    number("strategy", "local_steps", 1, integer=True)
-    number("strategy", "batch_size", 1, integer=True)
-    if strategy.get("sample_rate") is not None:
-        rate = number("strategy", "sample_rate", 0, above=True)
-        need(rate is None or rate <= 1, f"strategy.sample_rate must be <= 1, got {rate}")
-    need(strategy.get("optimizer", "adamw") in CLIENT_OPTIMIZERS,
-         f"strategy.optimizer must be one of {CLIENT_OPTIMIZERS}, got {strategy.get('optimizer')!r}")
-    momentum = number("strategy", "momentum", 0) if "momentum" in strategy else 0.0
-    need(momentum is None or momentum < 1, f"strategy.momentum must be < 1, got {momentum}")
-    need(strategy.get("weighting") in ("examples", "uniform"),
-         f"strategy.weighting must be 'examples' or 'uniform', got {strategy.get('weighting')!r}")
-    try:
-        LRSchedule.from_config(strategy.get("lr_schedule"))
+    name, methods = strategy.get("name"), available_methods()
+    if name not in methods:
+        return [f"strategy.name {name!r} is unknown; available: {', '.join(methods)}"]
+    problems = []
+    try:  # the method's typed options validate themselves
+        get_method(name, weighting=strategy.get("weighting", "examples"),
+                   **dict(strategy.get("options") or {}))
     except (TypeError, ValueError) as exc:
-        problems.append(f"strategy.{exc}")
+        problems.append(f"strategy.options: {exc}")
     try:
         server_optimizer = ServerOptimizerConfig.from_config(strategy.get("server_optimizer"))
-    except (TypeError, ValueError) as exc:
-        problems.append(f"strategy.{exc}")
-    else:
-        if server_optimizer.active and strategy.get("name") in methods:
-            roles = get_method(strategy["name"]).server_step_roles
-            need(bool(roles),
-                 f"strategy.server_optimizer.name={server_optimizer.name!r} needs a method whose "
-                 f"global factors are averaged in a fixed basis; {strategy['name']!r} is not one "
-                 f"(it refactorizes or stacks): use server_optimizer.name=none")
-    options = strategy.get("options") or {}
-    if strategy.get("name") in methods:
-        try:  # the method's typed options validate themselves
-            get_method(strategy["name"], weighting=strategy.get("weighting", "examples"),
-                       **dict(options))
+    except (TypeError, ValueError):
+        return problems  # reported by _training_rules
+    if server_optimizer.active and not get_method(name).server_step_roles:
+        problems.append(
+            f"strategy.server_optimizer.name={server_optimizer.name!r} needs a method whose "
+            f"global factors are averaged in a fixed basis; {name!r} is not one (it "
+            f"refactorizes or stacks): use server_optimizer.name=none")
+    return problems
+
+
+def _training_rules(cfg: Mapping[str, Any]) -> list[str]:
+    """The learning-rate schedule and the server optimizer check their own fields."""
+    problems = []
+    for key, make in (("lr_schedule", LRSchedule.from_config),
+                      ("server_optimizer", ServerOptimizerConfig.from_config)):
+        try:
+            make(cfg["strategy"].get(key))
         except (TypeError, ValueError) as exc:
-            problems.append(f"strategy.options: {exc}")
+            problems.append(f"strategy.{exc}")
+    return problems
 
 
-
-def _model_rules(checks: _Checks, cfg: Mapping[str, Any]) -> None:
-    need, number = checks.need, checks.number
-    model = cfg["model"]
-    need(model.get("source") in MODEL_SOURCES,
-         f"model.source must be one of {MODEL_SOURCES}, got {model.get('source')!r}")
-    need(model.get("task") in ("classification", "causal_lm"),
-         f"model.task must be 'classification' or 'causal_lm', got {model.get('task')!r}")
-    if model.get("task") == "classification":
-        need(model.get("pooling", "pooler") in POOLINGS,
-             f"model.pooling must be one of {POOLINGS}, got {model.get('pooling')!r}")
-    number("model", "max_length", 2, integer=True)
-    need(bool(model.get("target_modules")), "model.target_modules must name at least one module")
-    if model.get("source") == "path":
-        path = model.get("path")
-        need(path not in (None, "???") and (Path(str(path)) / "config.json").is_file(),
-             f"model.path {path!r} is not a local Hugging Face model directory")
+def _model_rules(cfg: Mapping[str, Any]) -> list[str]:
+    model, problems = cfg["model"], []
+    if not model.get("target_modules"):
+        problems.append("model.target_modules must name at least one module")
+    path = model.get("path")
+    if model.get("source") == "path" and not (
+            path not in (None, "???") and (Path(str(path)) / "config.json").is_file()):
+        problems.append(f"model.source=path needs model.path, a local Hugging Face model "
+                        f"directory (with config.json); got {path!r}")
+    return problems
 
 
-
-def _data_rules(checks: _Checks, cfg: Mapping[str, Any]) -> None:
-    need, number, problems = checks.need, checks.number, checks.problems
+def _data_rules(cfg: Mapping[str, Any]) -> list[str]:
     data = cfg["data"]
-    need(data.get("source") in DATA_SOURCES,
-         f"data.source must be one of {DATA_SOURCES}, got {data.get('source')!r}")
-    if data.get("source") in ("csv", "jsonl", "disk"):
-        path = data.get("path")
-        if path in (None, "", "???"):
-            problems.append(f"data={data.get('source')} needs data.path: the file to read "
-                            f"(e.g. data.path=/data/train.{data.get('source')})")
-        else:
-            need(Path(str(path)).expanduser().exists(), f"data.path={path} does not exist")
-    if data.get("source") != "synthetic":
-        fraction = number("data", "test_fraction", 0, above=True)
-        need(fraction is None or fraction < 1, f"data.test_fraction must be < 1, got {fraction}")
+    if data.get("source") not in ("csv", "jsonl", "disk"):
+        return []
+    path = data.get("path")
+    if path in (None, "", "???"):
+        return [f"data={data.get('source')} needs data.path: the file to read "
+                f"(e.g. data.path=/data/train.{data.get('source')})"]
+    if not Path(str(path)).expanduser().exists():
+        return [f"data.path={path} does not exist"]
+    return []
 
 
-
-def _federation_rules(checks: _Checks, cfg: Mapping[str, Any]) -> None:
-    """Sizes of the federation, and client evaluation under DP (outside the guarantee)."""
-    need, number, problems = checks.need, checks.number, checks.problems
-    privacy = cfg["privacy"]
-    clients = number("federation", "num_clients", 1, integer=True)
-    per_round = number("federation", "clients_per_round", 1, integer=True)
-    minimum = number("federation", "min_clients", 1, integer=True)
-    number("federation", "rounds", 1, integer=True)
-    number("federation", "dirichlet_alpha", 0, above=True)
-    number("federation", "round_timeout_s", 0, above=True)
-    fraction = number("federation", "fraction_evaluate", 0)
-    need(fraction is None or fraction <= 1, "federation.fraction_evaluate must be <= 1")
-    need(not (fraction and privacy.get("enabled")
-              and not privacy.get("client_evaluation", False)),
-         "federation.fraction_evaluate > 0 under DP asks nodes for statistics of their private "
-         "data outside the guarantee; set federation.fraction_evaluate=0, or "
-         "privacy.client_evaluation=true to ask anyway (only nodes whose policy sets "
-         "allow-evaluation=true answer)")
-    if None not in (clients, per_round) and per_round > clients:
+def _federation_rules(cfg: Mapping[str, Any]) -> list[str]:
+    """Cohort sizes agree, and client evaluation under DP (outside the guarantee) is asked
+    for explicitly."""
+    fed, privacy, problems = cfg["federation"], cfg["privacy"], []
+    clients, per_round = fed.get("num_clients"), fed.get("clients_per_round")
+    minimum = fed.get("min_clients")
+    if _ints(clients, per_round) and per_round > clients:
+        problems.append(f"federation.clients_per_round ({per_round}) exceeds "
+                        f"federation.num_clients ({clients})")
+    if _ints(minimum, per_round) and minimum > per_round:
+        problems.append(f"federation.min_clients ({minimum}) exceeds "
+                        f"federation.clients_per_round ({per_round})")
+    if (fed.get("fraction_evaluate") and privacy.get("enabled")
+            and not privacy.get("client_evaluation", False)):
         problems.append(
-            f"federation.clients_per_round ({per_round}) exceeds federation.num_clients ({clients})"
-        )
-    if None not in (minimum, per_round) and minimum > per_round:
-        problems.append(
-            f"federation.min_clients ({minimum}) exceeds federation.clients_per_round ({per_round})"
-        )
+            "federation.fraction_evaluate > 0 under DP asks nodes for statistics of their "
+            "private data outside the guarantee; set federation.fraction_evaluate=0, or "
+            "privacy.client_evaluation=true to ask anyway (only nodes whose policy sets "
+            "allow-evaluation=true answer)")
+    return problems
 
 
-
-def _privacy_rules(checks: _Checks, cfg: Mapping[str, Any]) -> None:
-    need, number = checks.need, checks.number
+def _privacy_rules(cfg: Mapping[str, Any]) -> list[str]:
+    """Sample-level DP names its whole mechanism (a preset such as privacy=dp_eps8 does)."""
     privacy = cfg["privacy"]
-    if privacy.get("enabled"):
-        number("privacy", "epsilon", 0, above=True)
-        delta = number("privacy", "delta", 0, above=True)
-        need(delta is None or delta < 1, f"privacy.delta must be < 1, got {delta}")
-        number("privacy", "max_grad_norm", 0, above=True)
-        need(privacy.get("accountant") in ACCOUNTANTS,
-             f"privacy.accountant must be one of {ACCOUNTANTS}, got {privacy.get('accountant')!r}")
-        need(privacy.get("grad_sample_mode") in GRAD_SAMPLE_MODES,
-             f"privacy.grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got "
-             f"{privacy.get('grad_sample_mode')!r}")
+    if not privacy.get("enabled"):
+        return []
+    return [f"privacy.enabled=true needs privacy.{key} (or choose a preset: privacy=dp_eps8)"
+            for key in ("epsilon", "delta", "max_grad_norm", "accountant")
+            if privacy.get(key) is None]
 
 
-
-def _runtime_rules(checks: _Checks, cfg: Mapping[str, Any]) -> None:
-    checks.need(cfg.get("wire_dtype") in WIRE_DTYPES,
-                f"wire_dtype must be one of {WIRE_DTYPES}, got {cfg.get('wire_dtype')!r}")
+def _device_rules(cfg: Mapping[str, Any]) -> list[str]:
     device = str(cfg.get("device"))
-    checks.need(device in ("cpu", "auto") or device.startswith("cuda"),
-                f"device must be cpu, cuda[:N] or auto, got {device!r}")
+    if device in ("cpu", "auto") or device.startswith("cuda"):
+        return []
+    return [f"device must be cpu, cuda[:N] or auto, got {device!r}"]
+
+
+def _ints(*values: Any) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
 
 
 def _secure_sum_problems(cfg: Mapping[str, Any]) -> list[str]:
@@ -314,6 +249,11 @@ def compose_job(overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
+    from .schema import override_problems
+
+    problems = override_problems(overrides)
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     with initialize_config_module(config_module="fedlora.conf", version_base=None):
         cfg = compose(config_name="config", overrides=list(overrides))
     job = OmegaConf.to_container(cfg, resolve=True)

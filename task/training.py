@@ -26,6 +26,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .knobs import check_knobs, knob
+
 
 def _from_config(cls: type, section: str, cfg: Mapping[str, Any] | None) -> Any:
     """A config dataclass from a mapping; unknown keys are an error naming the known ones."""
@@ -40,25 +42,19 @@ def _from_config(cls: type, section: str, cfg: Mapping[str, Any] | None) -> Any:
 SCHEDULES: tuple[str, ...] = ("constant", "cosine", "linear", "step")
 
 
-@dataclass(frozen=True)
+@dataclass
 class LRSchedule:
-    kind: str = "constant"
-    min_factor: float = 0.1  # cosine/linear: the last round's rate, as a fraction of lr
-    warmup_rounds: int = 0  # cosine/linear: rounds of linear warmup before the decay
-    gamma: float = 0.5  # step: multiply the rate by gamma ...
-    step_rounds: int = 5  # ... every step_rounds rounds
+    kind: str = knob("constant", "client rate across rounds", choices=SCHEDULES)
+    min_factor: float = knob(0.1, "cosine, linear: the last round's rate as a fraction of lr",
+                             low=0, high=1)
+    warmup_rounds: int = knob(0, "cosine, linear: rounds of linear warmup before the decay",
+                              low=0)
+    gamma: float = knob(0.5, "step: multiply the rate by gamma ...", low=0, high=1,
+                        above=True)
+    step_rounds: int = knob(5, "step: ... every step_rounds rounds", low=1)
 
     def __post_init__(self) -> None:
-        if self.kind not in SCHEDULES:
-            raise ValueError(f"lr_schedule.kind must be one of {SCHEDULES}, got {self.kind!r}")
-        if not 0 <= self.min_factor <= 1:
-            raise ValueError(f"lr_schedule.min_factor must be in [0, 1], got {self.min_factor}")
-        if not 0 < self.gamma <= 1:
-            raise ValueError(f"lr_schedule.gamma must be in (0, 1], got {self.gamma}")
-        if int(self.step_rounds) < 1:
-            raise ValueError(f"lr_schedule.step_rounds must be >= 1, got {self.step_rounds}")
-        if int(self.warmup_rounds) < 0:
-            raise ValueError(f"lr_schedule.warmup_rounds must be >= 0, got {self.warmup_rounds}")
+        check_knobs(self, "lr_schedule")
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> LRSchedule:
@@ -90,26 +86,19 @@ class LRSchedule:
 SERVER_OPTIMIZERS: tuple[str, ...] = ("none", "momentum", "adam")
 
 
-@dataclass(frozen=True)
+@dataclass
 class ServerOptimizerConfig:
-    name: str = "none"
-    lr: float = 1.0  # server learning rate eta
-    momentum: float = 0.9  # momentum (FedAvgM)
-    beta1: float = 0.9  # adam (FedAdam)
-    beta2: float = 0.99  # adam (FedAdam)
-    tau: float = 1e-3  # adam (FedAdam): adaptivity floor
+    name: str = knob("none", "none, momentum (FedAvgM) or adam (FedAdam)",
+                     choices=SERVER_OPTIMIZERS)
+    lr: float = knob(1.0, "server learning rate eta", low=0, above=True)
+    momentum: float = knob(0.9, "momentum (FedAvgM)", low=0, high=1, below=True)
+    beta1: float = knob(0.9, "adam (FedAdam): first-moment decay", low=0, high=1, below=True)
+    beta2: float = knob(0.99, "adam (FedAdam): second-moment decay", low=0, high=1,
+                        below=True)
+    tau: float = knob(1e-3, "adam (FedAdam): adaptivity floor", low=0, above=True)
 
     def __post_init__(self) -> None:
-        if self.name not in SERVER_OPTIMIZERS:
-            raise ValueError(f"server_optimizer.name must be one of {SERVER_OPTIMIZERS}, got {self.name!r}")
-        if not float(self.lr) > 0:
-            raise ValueError(f"server_optimizer.lr must be > 0, got {self.lr}")
-        for key in ("momentum", "beta1", "beta2"):
-            if not 0 <= float(getattr(self, key)) < 1:
-                raise ValueError(f"server_optimizer.{key} must be in [0, 1), got "
-                                 f"{getattr(self, key)}")
-        if not float(self.tau) > 0:
-            raise ValueError(f"server_optimizer.tau must be > 0, got {self.tau}")
+        check_knobs(self, "server_optimizer")
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> ServerOptimizerConfig:

@@ -31,7 +31,7 @@ def test_default_config_is_valid():
         (("strategy", "name"), "fedprox", "strategy.name 'fedprox' is unknown"),
         (("privacy", "epsilon"), 0.0, "privacy.epsilon must be > 0"),
         (("privacy", "epsilon"), -1.0, "privacy.epsilon must be > 0"),
-        (("privacy", "delta"), 1.5, "privacy.delta must be < 1"),
+        (("privacy", "delta"), 1.5, "privacy.delta must be in (0, 1)"),
         (("privacy", "accountant"), "gdp", "privacy.accountant must be one of"),
         (("model", "source"), "hub", "model.source must be one of"),
         (("model", "pooling"), "cls", "model.pooling must be one of"),

@@ -136,7 +136,7 @@ def test_client_optimizer_is_adamw_or_sgd_and_the_new_knob_keeps_stored_results(
     assert weight.detach().tolist() == pytest.approx([0.5, 2.0, 0.75])
     with pytest.raises(ConfigError, match="strategy.optimizer must be one of"):
         validate(compose_job(["strategy.optimizer=lion"]))
-    with pytest.raises(ConfigError, match="strategy.momentum must be < 1"):
+    with pytest.raises(ConfigError, match=r"strategy.momentum must be in \[0, 1\)"):
         validate(compose_job(["strategy.optimizer=sgd", "strategy.momentum=1"]))
     # Results stored before the knob existed ran AdamW: at adamw the digest is unchanged
     # (they stay current); sgd is another job.
