@@ -24,6 +24,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from stats import mean_interval, paired_difference
+
 from fedlora.deploy.tune import (
     append_result,
     config_digest,
@@ -56,11 +58,29 @@ def cell_key(method: str, privacy: str, seed: int, fixed: list[str]) -> str:
 
 
 def _fmt(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.3f} (1 seed)"
-    return f"{statistics.mean(values):.3f} [{min(values):.3f}-{max(values):.3f}]"
+    """Mean ± the half width of the 95% t-interval over seeds, with the seed count."""
+    return mean_interval(values).text() if values else "-"
+
+
+def paired_lines(by_seed: dict[tuple[str, str], dict[int, float]], methods: list[str],
+                 privacy: list[str], baseline: str = "fedavg") -> list[str]:
+    """Each method minus ``baseline`` per budget, paired by seed, with its 95% interval."""
+    if baseline not in methods:
+        return []
+    lines = ["", f"Paired comparison with {baseline} (final accuracy, method minus {baseline}, "
+             "over the seeds both ran; 95% paired t-interval; significant when it excludes "
+             "0):", "", "| method | budget | difference | significant |", "|---|---|---|---|"]
+    for p in privacy:
+        for method in methods:
+            if method == baseline:
+                continue
+            d = paired_difference(by_seed.get((method, p), {}), by_seed.get((baseline, p), {}))
+            if d is None:
+                continue
+            verdict = ("too few seeds" if d.n < 2 else
+                       ("yes" if d.excludes_zero() else "no"))
+            lines.append(f"| {method} | {p} | {d.text(signed=True)} | {verdict} |")
+    return lines
 
 
 def write_report(rows_by_key: dict, methods: list[str], privacy: list[str], seeds: list[int],
@@ -81,7 +101,8 @@ def write_report(rows_by_key: dict, methods: list[str], privacy: list[str], seed
         "runtime, Opacus DP-SGD): all-MiniLM-L6-v2, BBC News, 10 clients, Dirichlet 0.5,",
         f"fixed overrides `{' '.join(fixed)}`, seeds {seeds}. Private cells run the method's",
         "recipe (conf/recipe/); `none` runs the method's defaults (conf/strategy/).",
-        "Final held-out accuracy: mean [min-max] over the seeds that finished; '-' = not run.",
+        "Final held-out accuracy: mean ± half width of the 95% t-interval over the seeds",
+        "that finished (n seeds); '-' = not run.",
         "",
         "| method | " + " | ".join(f"final, {p}" for p in privacy) + " |",
         "|---|" + "---|" * len(privacy),
@@ -105,6 +126,10 @@ def write_report(rows_by_key: dict, methods: list[str], privacy: list[str], seed
                 f"| {method} | {p} | {_fmt([r['best_accuracy'] for r in found])} | - |")
             lines[-1] += (f" {statistics.mean(r['bytes_per_round'] for r in found) / 1e6:.2f} | "
                           f"{statistics.mean(r['elapsed_seconds'] for r in found):.0f} |")
+    by_seed = {(m, p): {s: rows_by_key[k]["final_accuracy"] for s in seeds
+                        if (k := cell_key(m, p, s, fixed)) in rows_by_key}
+               for m in methods for p in privacy}
+    lines += paired_lines(by_seed, methods, privacy)
     over = [r for r in rows_by_key.values()
             if (target := EPSILON.get(privacy_of(r))) is not None
             and r.get("epsilon_max") is not None and r["epsilon_max"] > target]
@@ -259,6 +284,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "RESULTS.md",
                         help="the generated section between its markers is replaced")
     parser.add_argument("--collect-only", action="store_true")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the report from the results file as it stands: no runs, "
+                             "no staleness check (rows written by another version count)")
     parser.add_argument("--plan", action="store_true",
                         help="print the cells a sweep would still run and write nothing")
     parser.add_argument("--tuning", type=Path, nargs="*", default=[],
@@ -277,9 +305,10 @@ def main() -> None:
         print("\n".join(" ".join([*fixed, *cell]) for cell in todo))
         print(f"{len(todo)} of {len(trials)} cells to run", file=sys.stderr)
         return
-    set_aside_stale(trials, fixed, args.results)
-    reuse_equivalent(trials, fixed, args.results, sources)
-    if not args.collect_only:
+    if not args.report_only:
+        set_aside_stale(trials, fixed, args.results)
+        reuse_equivalent(trials, fixed, args.results, sources)
+    if not (args.collect_only or args.report_only):
         run_trials(trials, args.results, args.runs_dir, fixed)
     rows = current_rows(args.results)
     command = "python bench/quality.py " + " ".join(sys.argv[1:])

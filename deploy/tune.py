@@ -46,11 +46,6 @@ RECIPE_KEYS = ("strategy.lr", "strategy.optimizer", "strategy.momentum", "strate
                "strategy.server_optimizer.", "federation.rounds", "privacy.max_grad_norm",
                "model.max_length")
 
-# Knobs added after results were stored, at the value that runs the job those results ran:
-# left out of the digest there, so adding a knob does not make every stored result stale.
-DIGEST_NEUTRAL = {("strategy", "optimizer"): "adamw", ("strategy", "momentum"): 0.0}
-
-
 def trial_key(overrides: Sequence[str]) -> str:
     return " ".join(sorted(overrides))
 
@@ -63,12 +58,19 @@ def config_digest(overrides: Sequence[str]) -> str:
     still answers for them (bench/quality.py sets stale cells aside, and reuses a tuning
     trial only for a cell with the same digest)."""
     from fedlora.task.config import compose_job
+    from fedlora.task.schema import schema_default, schema_fields
 
     cfg = compose_job(list(overrides))
     cfg.pop("recipe_name", None)
-    for (section, key), neutral in DIGEST_NEUTRAL.items():
-        if cfg.get(section, {}).get(key, neutral) == neutral:
-            cfg.get(section, {}).pop(key, None)
+    # A key at its schema default is left out: a knob added later, at the value that runs
+    # the job stored results ran, does not make them stale.
+    for key, f in schema_fields():
+        *path, leaf = key.split(".")
+        node = cfg
+        for part in path:
+            node = node.get(part, {})
+        if leaf in node and node[leaf] == schema_default(f):
+            del node[leaf]
     text = json.dumps(cfg, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
