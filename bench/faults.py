@@ -1,14 +1,18 @@
 """The fault suite: every fault fedlora must survive, run for real, with a table of figures.
 
 Scenarios (tiny_bert, synthetic data, DP on so the privacy ledgers can be checked):
-  - each kind of malformed update (client/faults.py), one faulty client per kind beside
-    two healthy ones, 2 rounds;
+  - each kind of malformed update, one faulty client per kind beside two healthy ones,
+    2 rounds;
   - a client crash mid-round;
   - a straggler slower than the round timeout (its late reply is discarded);
   - fewer valid updates than min_clients (the round is skipped, the run goes on);
   - the server process tree SIGKILLed right after round 2's checkpoint, then
     `fedlora resume`;
   - in a real deployment (`fedlora deploy local`), a SuperNode SIGKILLed after round 1.
+
+The malformed updates, the crash and the straggler are injected by the test plug-in
+(tests/plugin: fedlora_test_plugin/faults.py, a ClientApp mod; these runs go through its
+`python -m fedlora_test_plugin.faulty_cli`), which must be installed (`.ci/setup`).
 
 Columns: survived (the run finished, exit 0), rounds lost (rounds without aggregation),
 updates lost (updates not aggregated), ledger intact (every ledger parses, its epsilon is
@@ -31,15 +35,19 @@ import uuid
 from pathlib import Path
 
 import psutil
-
-from fedlora.client.faults import EXPECTED_REJECTION
+from fedlora_test_plugin import faulty_cli
+from fedlora_test_plugin.faults import EXPECTED_REJECTION
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny_bert", "data=synthetic", "privacy=dp", "privacy.epsilon=8"]
 
 
 def cli(args: list[str], run_dir: Path, *, check: bool = False) -> int:
-    cmd = [sys.executable, "-m", "fedlora.deploy.cli", *args]
+    """`fedlora ARGS`; with a ``faults=`` argument, through the test plug-in's fault
+    injection (faulty_cli)."""
+    module = faulty_cli.__name__ if any(a.startswith("faults=") for a in args) \
+        else "fedlora.deploy.cli"
+    cmd = [sys.executable, "-m", module, *args]
     if args[0] == "simulate":
         cmd.append(f"hydra.run.dir={run_dir}")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

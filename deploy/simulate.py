@@ -6,6 +6,10 @@ With ``simulation.ray_address`` the run attaches to an existing Ray cluster inst
 only disconnects from it at the end (the cluster and its nodes keep running).
 A Hydra multirun keeps one Ray session for all its jobs (``keep_ray``; starting and
 stopping Ray costs about 6 s a job) and stops it when the multirun ends or a job fails.
+
+In-process callers may wrap the simulated nodes' ClientApp in Flower mods for the runs
+inside ``with client_mods(...)`` (e.g. the test plug-in's fault injection, which then runs
+`fedlora simulate` through deploy/cli.py's ``main``); deployments never are.
 """
 
 from __future__ import annotations
@@ -15,13 +19,17 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
 from fedlora.task.files import atomic_write
+
+if TYPE_CHECKING:
+    from flwr.clientapp.typing import Mod
 
 _log = logging.getLogger(__name__)
 
@@ -73,6 +81,25 @@ class _HideRunSimulationNotice(logging.Filter):
 
 # The Ray init arguments of a session kept alive for the next job of a multirun.
 _kept_session: dict[str, Any] | None = None
+# The Flower mods the simulated nodes' ClientApp runs under (client_mods()).
+_client_mods: tuple[Mod, ...] = ()
+
+
+@contextmanager
+def client_mods(*mods: Mod) -> Iterator[None]:
+    """Run every simulation started in this scope (this process: the jobs of a `fedlora
+    simulate` multirun and `fedlora resume` included) with its ClientApp wrapped in
+    ``mods`` (client/app.py's make_client_app: the first outermost, inside any mods of
+    an enclosing scope). Mods reach the Ray workers pickled: module-level functions or
+    instances of importable classes. For tests and tools that observe or perturb what
+    simulated nodes send; a deployment's ClientApp is never wrapped."""
+    global _client_mods
+    outer = _client_mods
+    _client_mods = (*outer, *mods)
+    try:
+        yield
+    finally:
+        _client_mods = outer
 
 
 @contextmanager
@@ -103,8 +130,10 @@ def run_simulation(job: dict[str, Any], *, resume: bool = False, keep_ray: bool 
     if not any(isinstance(f, _HideRunSimulationNotice) for f in flwr_logger.filters):
         flwr_logger.addFilter(_HideRunSimulationNotice())
 
-    from fedlora.client.app import app as client_app
+    from fedlora.client.app import app, make_client_app
     from fedlora.server.app import run_server
+
+    client_app = make_client_app(_client_mods) if _client_mods else app
 
     outcome: dict[str, Any] = {}
     from flwr.serverapp import ServerApp

@@ -85,30 +85,42 @@ class SecureAggregationRound:
 
         result = self._driver(fed).run(cohort, server_round, message)
         outcome = self._outcome(fed, result)
+        if result.total is None or len(result.survivors) < max(self.min_clients, self.threshold):
+            return RoundResult(outcome, bytes_down, None, None,
+                               self._unreleased(fed, server_round, result))
         report: dict[str, Any] = {}
+        averaged, share = self._aggregate(fed, server_round, result, weights, extra, report)
+        # Quantization error of the released mean, per coordinate (task/secagg.py).
+        bound = self._driver(fed).params(len(cohort)).sum_error_bound(len(result.survivors))
+        report["secure_aggregation"] = self._log(fed, server_round, result, bound / share)
+        return RoundResult(outcome, bytes_down, averaged, None, report)
+
+    def _unreleased(self, fed: Federation, server_round: int,
+                    result: SecureOutcome) -> dict[str, Any]:
+        """The report of a round that released nothing; under client-level DP it is
+        charged all the same."""
+        report: dict[str, Any] = {"secure_aggregation": self._log(fed, server_round, result,
+                                                                  None)}
+        if self.client_dp is not None:
+            report.update(self.client_dp.charge_unreleased(server_round))
+            fed.progress.line(f"round {server_round}: charged to the client-level ledger "
+                              "although nothing was released (a skip depends on who took "
+                              "part)")
+        return report
+
+    def _aggregate(self, fed: Federation, server_round: int, result: SecureOutcome,
+                   weights: dict[int, float], extra: dict[str, Any],
+                   report: dict[str, Any]) -> tuple[GlobalState, float]:
+        """The next global state from the unmasked sum, and the survivors' share of the
+        weights the mean divides by (1 under client-level DP: the noised mean over m)."""
         before = fed.state
-        minimum = max(self.min_clients, self.threshold)
-        if result.total is None or len(result.survivors) < minimum:
-            report["secure_aggregation"] = self._log(fed, server_round, result, None)
-            if self.client_dp is not None:
-                report.update(self.client_dp.charge_unreleased(server_round))
-                fed.progress.line(f"round {server_round}: charged to the client-level ledger "
-                                  "although nothing was released (a skip depends on who took "
-                                  "part)")
-            return RoundResult(outcome, bytes_down, None, None, report)
         reference = named(fed.method.uplink_reference(before, server_round), before.head)
         adaptive = self.client_dp is not None and self.client_dp.config.adaptive
         layout = Layout.of_named(reference, unclipped=adaptive)
         total = layout.unflatten(result.total)
         if self.client_dp is not None:
-            # The count coordinate carries kappa (sum_k (b_k - 1/2) + noise) / m.
-            centred = (float(total[UNCLIPPED]) * self.client_dp.config.cohort
-                       / float(extra["secagg-count-scale"]) if adaptive else None)
-            mean, dp_report = self.client_dp.release(total, centred, server_round, noised=True)
-            dp_report["client_level_rounded_sensitivity"] = (
-                float(extra["secagg-norm-bound"]) * float(extra["secagg-grid-step"])
-                * self.client_dp.config.cohort)
-            report.update(dp_report)
+            mean = self._noised_mean(self.client_dp, total, adaptive, extra, server_round,
+                                     report)
             share = 1.0
         else:
             share = sum(weights[n.node_id] for n in result.survivors)
@@ -116,10 +128,23 @@ class SecureAggregationRound:
         factors, head = split({k: reference[k].double() + mean[k] for k in reference})
         averaged = fed.method.aggregate_mean(before, cast_like(factors, before),
                                              cast_head(head, before))
-        # Quantization error of the released mean, per coordinate (task/secagg.py).
-        bound = self._driver(fed).params(len(cohort)).sum_error_bound(len(result.survivors))
-        report["secure_aggregation"] = self._log(fed, server_round, result, bound / share)
-        return RoundResult(outcome, bytes_down, averaged, None, report)
+        return averaged, share
+
+    @staticmethod
+    def _noised_mean(dp: ClientLevelDP, total: dict[str, torch.Tensor], adaptive: bool,
+                     extra: dict[str, Any], server_round: int,
+                     report: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Distributed DP: the released mean (the sum carries the noise), charged to the
+        server's ledger; its accounting goes into ``report``."""
+        # The count coordinate carries kappa (sum_k (b_k - 1/2) + noise) / m.
+        centred = (float(total[UNCLIPPED]) * dp.config.cohort
+                   / float(extra["secagg-count-scale"]) if adaptive else None)
+        mean, dp_report = dp.release(total, centred, server_round, noised=True)
+        dp_report["client_level_rounded_sensitivity"] = (
+            float(extra["secagg-norm-bound"]) * float(extra["secagg-grid-step"])
+            * dp.config.cohort)
+        report.update(dp_report)
+        return mean
 
     def init_round(self, fed: Federation, cohort: list[NodeInfo],
                    message: Callable[[NodeInfo], Message]) -> tuple[GlobalState, int, str]:

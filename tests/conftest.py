@@ -23,8 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TOKEN_VAR = "FEDLORA_TEST_RUN"
 
 
-def fedlora_cmd() -> list[str]:
-    return [sys.executable, "-m", "fedlora.deploy.cli"]
+def fedlora_cmd(cli: str = "fedlora.deploy.cli") -> list[str]:
+    """`fedlora` as a command line; ``cli``: a module that stands in for it (e.g. the test
+    plug-in's fedlora_test_plugin.faulty_cli, with fault injection)."""
+    return [sys.executable, "-m", cli]
 
 
 def marked_env(token: str) -> dict[str, str]:
@@ -114,14 +116,14 @@ def for_test_run(args: list[str]) -> list[str]:
     return out
 
 
-def run_fedlora(args: list[str], *, timeout: float = 900, check: bool = True
-                ) -> subprocess.CompletedProcess:
-    """Run `fedlora ARGS` (as :func:`for_test_run` completes them); on failure show its
-    output; then check nothing is left."""
+def run_fedlora(args: list[str], *, timeout: float = 900, check: bool = True,
+                cli: str = "fedlora.deploy.cli") -> subprocess.CompletedProcess:
+    """Run `fedlora ARGS` (as :func:`for_test_run` completes them; ``cli`` as in
+    :func:`fedlora_cmd`); on failure show its output; then check nothing is left."""
     args = for_test_run(args)
     token = new_token()
     try:
-        proc = subprocess.run(fedlora_cmd() + args, cwd=ROOT, env=marked_env(token),
+        proc = subprocess.run(fedlora_cmd(cli) + args, cwd=ROOT, env=marked_env(token),
                               timeout=timeout, capture_output=True, text=True)
     finally:
         assert_nothing_left(token)

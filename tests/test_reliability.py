@@ -3,8 +3,9 @@
 - A 4-round run killed (SIGKILL, whole process group) right after round 2's checkpoint and
   continued with ``fedlora resume`` ends like the uninterrupted run: bit-exact without DP;
   with DP every client's epsilon equals the uninterrupted spend (nothing counted twice).
-- Clients that send each kind of malformed update are rejected with their reason, listed
-  in the round's metrics, and the round aggregates the valid updates.
+- Clients that send each kind of malformed update (the test plug-in's fault injection,
+  fedlora_test_plugin/faults.py) are rejected with their reason, listed in the round's
+  metrics, and the round aggregates the valid updates.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
+from fedlora_test_plugin import faulty_cli
+from fedlora_test_plugin.faults import EXPECTED_REJECTION
 
-from fedlora.client.faults import EXPECTED_REJECTION
 from fedlora.privacy import epsilon_for_history
 
 from .conftest import (
@@ -116,7 +118,7 @@ def test_malformed_updates_are_rejected_with_their_reason(tmp_path):
                  "strategy=fedavg", "federation.rounds=1", f"federation.num_clients={clients}",
                  f"federation.clients_per_round={clients}", "federation.dirichlet_alpha=100",
                  "federation.max_update_norm=1000", f"faults={{{faults}}}",
-                 f"hydra.run.dir={run}"])
+                 f"hydra.run.dir={run}"], cli=faulty_cli.__name__)
     (row,) = read_metrics(run)  # one round: every kind is sent in it
     rejected = {r["node"]: r["reason"] for r in row["rejected"]}
     for k, kind in enumerate(EXPECTED_REJECTION):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fedlora_test_plugin import faulty_cli
 
 from fedlora.aggregation import AdapterSpec, ClientUpdate, available_methods, get_method
 from fedlora.server.checkpoint import latest_checkpoint, load_checkpoint
@@ -108,11 +109,13 @@ def test_init_round_mean_through_the_protocol_is_within_the_bound() -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("secagg")
-    # Partition 2 crashes while masking (after the shares were dealt) in every round; the
-    # plain runs lose it the same way, so both must give the other three's aggregate.
+    # Partition 2 crashes while masking (after the shares were dealt) in every round (the
+    # test plug-in's fault injection); the plain runs lose it the same way, so both must
+    # give the other three's aggregate.
     run_fedlora(["simulate", "-m", *COMMON, f"strategy={','.join(METHODS)}",
                  "secure_aggregation=false,true", "faults={2:crash}",
-                 f"hydra.sweep.dir={out}", "hydra.sweep.subdir=${strategy.name}-${secure_aggregation}"])
+                 f"hydra.sweep.dir={out}", "hydra.sweep.subdir=${strategy.name}-${secure_aggregation}"],
+                cli=faulty_cli.__name__)
     return out
 
 

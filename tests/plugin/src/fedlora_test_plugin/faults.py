@@ -1,19 +1,28 @@
-"""Test-only fault injection: a client that sends a malformed update on purpose.
+"""Test-only fault injection: simulated clients that send a malformed update on purpose,
+crash mid-round or straggle.
 
-Enabled per partition by the job config's ``faults`` map (``{"3": "nan"}``), used by the
-fault suite (tests and bench/faults.py) to show that the server rejects each kind with
-its reason and aggregates the valid updates. Never set in a real federation.
+:class:`FaultInjection` is a Flower ClientApp mod (a map partition-id -> fault kind) that
+turns the training replies of the chosen partitions into faults; a simulation runs under
+it through fedlora's ``client_mods`` seam (fedlora.deploy.simulate), which
+``python -m fedlora_test_plugin.faulty_cli`` wraps around the `fedlora` command line. The
+fault suite (tests/test_reliability.py, tests/test_secure_aggregation.py, bench/faults.py)
+uses it to show that the server rejects each kind with its reason and aggregates the
+valid updates. It is not part of fedlora: nothing in a federation can turn it on.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
+from collections.abc import Callable, Mapping
 
 import torch
+from flwr.app import Context, Message, MessageType
 
-from fedlora.protos import Envelope, encode, to_message
+from fedlora.protos import Envelope, decode, encode, to_message
+from fedlora.task import messages as msgs
 
 FAULTS = (
     "nan", "inf", "wrong_shape", "wrong_rank", "unknown_module", "wrong_role", "wrong_method",
@@ -69,14 +78,11 @@ def _poison(roles: dict[str, torch.Tensor], value: float) -> dict[str, torch.Ten
 
 
 def corrupt(data: bytes, envelope: Envelope, fault: str, wire_dtype: str) -> bytes:
-    """The encoded update ``data`` (of ``envelope``) turned into a fault of kind ``fault``."""
-    if fault not in FAULTS:
-        raise ValueError(f"unknown fault {fault!r}; known: {', '.join(FAULTS)}")
-    if fault == "crash":
-        raise RuntimeError("fault injection: the client crashed mid-round")
-    if fault == "slow":  # a straggler: a valid update, too late for a short round timeout
-        time.sleep(SLOW_SECONDS)
-        return data
+    """The encoded update ``data`` (of ``envelope``) turned into the malformed kind
+    ``fault`` (a key of :data:`EXPECTED_REJECTION`)."""
+    if fault not in EXPECTED_REJECTION:
+        raise ValueError(f"not a malformed-update fault: {fault!r}; known: "
+                         f"{', '.join(EXPECTED_REJECTION)}")
     if fault == "truncated":
         return data[: len(data) // 2]
     changed = {
@@ -109,3 +115,55 @@ def corrupt(data: bytes, envelope: Envelope, fault: str, wire_dtype: str) -> byt
     elif fault == "schema_version":
         msg.schema_version += 1
     return msg.SerializeToString(deterministic=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class FaultInjection:
+    """A ClientApp mod: the partitions in ``faults`` (partition-id -> kind) misbehave.
+
+    Only a training round's reply that carries an update is touched (not the describe
+    phase, the init round, an evaluation, a refusal, or secure aggregation's key, share and
+    unmask stages): its envelope is corrupted (:func:`corrupt`); ``crash`` raises once the
+    node has answered (under secure aggregation: after the shares were dealt, so the
+    others' masks must cancel without it); ``slow`` answers :data:`SLOW_SECONDS` late. A
+    masked contribution (secure aggregation) has no envelope: only crash and slow apply.
+    """
+
+    faults: Mapping[int, str]
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.faults.values()) - set(FAULTS))
+        if unknown:
+            raise ValueError(f"unknown fault(s) {unknown}; known: {', '.join(FAULTS)}")
+
+    def __call__(self, msg: Message, context: Context,
+                 call_next: Callable[[Message, Context], Message]) -> Message:
+        reply = call_next(msg, context)
+        fault = self.faults.get(int(context.node_config.get("partition-id", 0)))
+        if fault is None or not _carries_update(msg, reply):
+            return reply
+        if fault == "crash":
+            raise RuntimeError("fault injection: the client crashed mid-round")
+        if fault == "slow":  # a straggler: a valid update, too late for a short round timeout
+            time.sleep(SLOW_SECONDS)
+            return reply
+        if msgs.ENVELOPE not in reply.content.array_records:
+            return reply
+        data = msgs.envelope_bytes(reply.content)
+        wire_dtype = json.loads(str(msg.content.config_records[msgs.CONFIG][
+            msgs.JOB_CONFIG_KEY]))["wire_dtype"]
+        bad = corrupt(data, decode(data), fault, wire_dtype)
+        reply.content.array_records[msgs.ENVELOPE] = msgs.envelope_record(bad)
+        reply.content.metric_records[msgs.METRICS]["bytes-up"] = float(len(bad))
+        return reply
+
+
+def _carries_update(msg: Message, reply: Message) -> bool:
+    """``reply`` answers a training round's message with an update (plain or masked)."""
+    if msg.metadata.message_type != MessageType.TRAIN or reply.has_error():
+        return False
+    if str(msg.content.config_records[msgs.CONFIG].get("phase", msgs.PHASE_TRAIN)) \
+            != msgs.PHASE_TRAIN:
+        return False
+    arrays = reply.content.array_records
+    return msgs.ENVELOPE in arrays or msgs.SECAGG in arrays
