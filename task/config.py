@@ -147,80 +147,95 @@ def _ints(*values: Any) -> bool:
 def _secure_sum_problems(cfg: Mapping[str, Any]) -> list[str]:
     """Client-level DP and secure aggregation: only for methods whose aggregate is a sum,
     with a cohort that can meet the threshold and a fixed denominator."""
-    from fedlora.aggregation import available_methods, get_method
-
-    from .secure_sum import client_level_config, secagg_threshold
-
-    problems: list[str] = []
-    client_level = (cfg["privacy"].get("client_level") or {})
+    client_level = cfg["privacy"].get("client_level") or {}
     secure = cfg.get("secure_aggregation")
     if not isinstance(secure, bool):
         return [f"secure_aggregation must be true or false, got {secure!r}"]
-    if not (client_level.get("enabled") or secure):
-        return problems
-    wanted = " and ".join(w for w, on in (("client-level DP", client_level.get("enabled")),
-                                          ("secure aggregation", secure)) if on)
-    name = cfg["strategy"].get("name")
-    if name in available_methods():
-        method = get_method(name)
-        if not method.sum_aggregated:
-            summed = [m for m in available_methods() if get_method(m).sum_aggregated]
-            problems.append(
-                f"{wanted} needs a method whose aggregate is a sum of what clients send; "
-                f"{name!r} needs each client's update ({method.summary}). "
-                f"Use one of: {', '.join(summed)}")
-        elif client_level.get("enabled") and method.init_round_roles:
-            problems.append(
-                f"client-level DP does not yet cover {name!r}'s init round (it sends per-client "
-                f"{list(method.init_round_roles)}): use sample-level DP (privacy=dp_eps8) with "
-                f"secure_aggregation=true, or another method")
-    fed = cfg["federation"]
-    cohort = fed.get("clients_per_round")
+    problems = _summable_method_rule(cfg, bool(client_level.get("enabled")), secure)
     if secure:
-        try:
-            t = secagg_threshold(cfg)
-        except (TypeError, ValueError):
-            problems.append(f"secagg.threshold must be an integer, got {cfg['secagg'].get('threshold')!r}")
-        else:
-            if t < 2:
-                problems.append(f"secagg.threshold must be >= 2 (one survivor's sum is its own "
-                                f"update), got {t}")
-            if isinstance(cohort, int) and t > cohort:
-                problems.append(f"secagg.threshold ({t}) is above the cohort size "
-                                f"(federation.clients_per_round = {cohort}): no round could "
-                                f"ever release a sum")
-        sec = cfg.get("secagg") or {}
-        for key in ("bits", "init_bits"):
-            bits = sec.get(key)
-            if isinstance(bits, bool) or not isinstance(bits, int) or not 8 <= bits <= MAX_BITS:
-                problems.append(f"secagg.{key} must be an integer in [8, {MAX_BITS}], got {bits!r}")
-            elif isinstance(cohort, int) and cohort > 1:
-                try:
-                    check_sum_fits(bits, cohort)
-                except ValueError as exc:
-                    problems.append(f"secagg.{key} = {bits} with a cohort of {cohort}: {exc}")
-        rng = sec.get("clip_range")
-        if isinstance(rng, bool) or not isinstance(rng, (int, float)) or not rng > 0:
-            problems.append(f"secagg.clip_range must be a number > 0, got {rng!r}")
+        problems += _secagg_rules(cfg)
     if client_level.get("enabled"):
-        if not client_level.get("fixed_denominator", True):
-            problems.append(
-                "privacy.client_level.fixed_denominator must be true: dividing the noised sum "
-                "by the number of updates that arrived or weighting by example counts lets one "
-                "client move the mean by more than clip / cohort, which breaks the noise "
-                "calibration (and leaks its count)")
-        if client_level.get("sampling") not in ("poisson", "all"):
-            problems.append(f"privacy.client_level.sampling must be poisson or all, got "
-                            f"{client_level.get('sampling')!r}")
-        clients = fed.get("num_clients")
-        delta = client_level.get("delta")
-        if isinstance(clients, int) and isinstance(delta, (int, float)) and delta >= 1 / clients:
-            problems.append(f"privacy.client_level.delta ({delta:g}) must be < 1/num_clients "
-                            f"({1 / clients:.3g})")
-        try:
-            client_level_config(cfg)
-        except (KeyError, TypeError, ValueError) as exc:
-            problems.append(f"privacy.client_level: {exc}")
+        problems += _client_level_rules(cfg, client_level)
+    return problems
+
+
+def _summable_method_rule(cfg: Mapping[str, Any], client_level: bool, secure: bool,
+                          ) -> list[str]:
+    """Both need a method whose aggregate is a sum of what clients send (and client-level
+    DP does not cover an init round's per-client matrices yet)."""
+    from fedlora.aggregation import available_methods, get_method
+
+    name = cfg["strategy"].get("name")
+    if not (client_level or secure) or name not in available_methods():
+        return []
+    wanted = " and ".join(w for w, on in (("client-level DP", client_level),
+                                          ("secure aggregation", secure)) if on)
+    method = get_method(name)
+    if not method.sum_aggregated:
+        summed = [m for m in available_methods() if get_method(m).sum_aggregated]
+        return [f"{wanted} needs a method whose aggregate is a sum of what clients send; "
+                f"{name!r} needs each client's update ({method.summary}). "
+                f"Use one of: {', '.join(summed)}"]
+    if client_level and method.init_round_roles:
+        return [f"client-level DP does not yet cover {name!r}'s init round (it sends "
+                f"per-client {list(method.init_round_roles)}): use sample-level DP "
+                f"(privacy=dp_eps8) with secure_aggregation=true, or another method"]
+    return []
+
+
+def _secagg_rules(cfg: Mapping[str, Any]) -> list[str]:
+    """The threshold fits the cohort, and the ring holds the cohort's sum."""
+    from .secure_sum import secagg_threshold
+
+    problems = []
+    cohort = cfg["federation"].get("clients_per_round")
+    try:
+        t = secagg_threshold(cfg)
+    except (TypeError, ValueError):
+        problems.append(f"secagg.threshold must be an integer, got "
+                        f"{cfg['secagg'].get('threshold')!r}")
+    else:
+        if t < 2:
+            problems.append(f"secagg.threshold must be >= 2 (one survivor's sum is its own "
+                            f"update), got {t}")
+        if isinstance(cohort, int) and t > cohort:
+            problems.append(f"secagg.threshold ({t}) is above the cohort size "
+                            f"(federation.clients_per_round = {cohort}): no round could "
+                            f"ever release a sum")
+    sec = cfg.get("secagg") or {}
+    for key in ("bits", "init_bits"):
+        bits = sec.get(key)
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 8 <= bits <= MAX_BITS:
+            problems.append(f"secagg.{key} must be an integer in [8, {MAX_BITS}], got {bits!r}")
+        elif isinstance(cohort, int) and cohort > 1:
+            try:
+                check_sum_fits(bits, cohort)
+            except ValueError as exc:
+                problems.append(f"secagg.{key} = {bits} with a cohort of {cohort}: {exc}")
+    return problems
+
+
+def _client_level_rules(cfg: Mapping[str, Any], client_level: Mapping[str, Any]) -> list[str]:
+    """A fixed denominator, a known sampling, delta below 1/clients, a calibration that
+    exists."""
+    from .secure_sum import client_level_config
+
+    problems = []
+    if not client_level.get("fixed_denominator", True):
+        problems.append(
+            "privacy.client_level.fixed_denominator must be true: dividing the noised sum "
+            "by the number of updates that arrived or weighting by example counts lets one "
+            "client move the mean by more than clip / cohort, which breaks the noise "
+            "calibration (and leaks its count)")
+    clients = cfg["federation"].get("num_clients")
+    delta = client_level.get("delta")
+    if isinstance(clients, int) and isinstance(delta, (int, float)) and delta >= 1 / clients:
+        problems.append(f"privacy.client_level.delta ({delta:g}) must be < 1/num_clients "
+                        f"({1 / clients:.3g})")
+    try:
+        client_level_config(cfg)
+    except (KeyError, TypeError, ValueError) as exc:
+        problems.append(f"privacy.client_level: {exc}")
     return problems
 
 
