@@ -120,16 +120,15 @@ def _simulate(rest: list[str]) -> int:
     from hydra.types import RunMode
     from omegaconf import DictConfig, OmegaConf
 
-    from fedlora.task.config import ConfigError, check_overrides
-    from fedlora.task.schema import override_problems
+    from fedlora.task.config import ConfigError, check_overrides, refuse_bad_overrides
 
     from .simulate import RunFailed, prepare_run, run_simulation, stop_everything
 
     _quiet()
-    problems = override_problems(_overrides_in(rest))
-    if problems:  # every wrong type at once, before Hydra (which stops at the first)
-        print("fedlora: invalid configuration:\n  - " + "\n  - ".join(problems),
-              file=sys.stderr)
+    try:  # every wrong type at once, before Hydra (which stops at the first)
+        refuse_bad_overrides(_overrides_in(rest))
+    except ConfigError as exc:
+        print(f"fedlora: {exc}", file=sys.stderr)
         return 2
     status = {"code": 0}
 

@@ -19,6 +19,11 @@ from .training import LRSchedule, ServerOptimizerConfig
 class ConfigError(ValueError):
     """An invalid configuration value; the message lists every problem found."""
 
+    def __init__(self, problems: str | list[str]) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__(problems if isinstance(problems, str) else
+                         "invalid configuration:\n  - " + "\n  - ".join(self.problems))
+
 
 def validate(cfg: Mapping[str, Any]) -> None:
     """Check a resolved config (plain dict). Raises ConfigError listing every problem.
@@ -35,7 +40,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
     problems.extend(_secure_sum_problems(cfg))
     problems.extend(partition_problems(cfg))
     if problems:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+        raise ConfigError(problems)
 
 
 def _method_rules(cfg: Mapping[str, Any]) -> list[str]:
@@ -261,16 +266,36 @@ def check_overrides(cfg: Mapping[str, Any], overrides: list[str] | tuple[str, ..
 def compose_job(overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """conf/config.yaml composed with its defaults (recipes included) and ``overrides``,
     resolved to a plain dict: the one way fedlora builds a job config outside Hydra's CLI."""
+    refuse_bad_overrides(overrides)
+    job = _compose(overrides)
+    check_overrides(job, overrides)
+    return job
+
+
+def _compose(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
-    from .schema import override_problems
-
-    problems = override_problems(overrides)
-    if problems:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     with initialize_config_module(config_module="fedlora.conf", version_base=None):
         cfg = compose(config_name="config", overrides=list(overrides))
-    job = OmegaConf.to_container(cfg, resolve=True)
-    check_overrides(job, overrides)
-    return job
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def refuse_bad_overrides(overrides: list[str] | tuple[str, ...]) -> None:
+    """Raise ConfigError when an override has the wrong type or names no key (Hydra would
+    stop at the first), listing every such problem and what validate finds in the job the
+    other overrides compose to (bar rules about the keys that were wrong)."""
+    from .schema import bad_overrides
+
+    bad = bad_overrides(overrides)
+    if not bad:
+        return
+    problems = [p for found in bad.values() for p in found]
+    keys = {text.split("=", 1)[0].lstrip("+~") for text in bad}
+    try:
+        validate(_compose([o for o in overrides if o not in bad]))
+    except ConfigError as exc:
+        problems += [p for p in exc.problems if not any(k in p for k in keys)]
+    except Exception:  # noqa: BLE001 - the rest fails in Hydra: it says why once fixed
+        pass
+    raise ConfigError(problems)

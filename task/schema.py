@@ -298,14 +298,12 @@ def type_words(f: Any) -> str:
     return " or ".join(words) + (" or null" if "None" in parts else "")
 
 
-def type_problems(pairs: list[tuple[str, Any]], *, strict: bool = True,
-                  check_bounds: bool = False) -> list[str]:
+def type_problems(pairs: list[tuple[str, Any]], *, strict: bool = True) -> list[str]:
     """Type problems of ``(dotted key, value)`` pairs against the schema, every one listed.
 
     Each value is set on a fresh typed job, so the conversion is OmegaConf's (Hydra's own):
     ``"8"`` is a fine integer, ``"abc"`` is not. ``strict``: a key the schema lacks is a
-    problem too (a typo); a key below ``strategy.options`` is the method's to check.
-    ``check_bounds``: each value's bounds and choices too."""
+    problem too (a typo); a key below ``strategy.options`` is the method's to check."""
     from omegaconf import OmegaConf
     from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -322,9 +320,6 @@ def type_problems(pairs: list[tuple[str, Any]], *, strict: bool = True,
             continue
         try:
             OmegaConf.update(base, key, value, merge=True)
-            if check_bounds and key in spec:
-                problem = bound_problem(key, spec[key], OmegaConf.select(base, key))
-                problems.extend([problem] if problem else [])
         except ConfigKeyError:
             if strict:
                 problems.append(f"{key} is not a config key")
@@ -357,15 +352,16 @@ def schema_problems(job: Mapping[str, Any]) -> list[str]:
 GROUPS = ("model", "data", "strategy", "privacy", "recipe")
 
 
-def override_problems(overrides: list[str] | tuple[str, ...]) -> list[str]:
-    """Type problems of command-line overrides, every one listed, before Hydra composes
-    (Hydra would stop at the first). Group choices (``strategy=fedsb``), deletions and
-    Hydra's own keys are left to Hydra; a sweep (``a=1,2``) checks each value."""
+def bad_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, list[str]]:
+    """The command-line overrides of the wrong type (or of no schema key), each with its
+    problems: what Hydra cannot compose (it would stop at the first). Group choices
+    (``strategy=fedsb``), deletions and Hydra's own keys are left to Hydra; a sweep
+    (``a=1,2``) checks each value. Bounds and the rest are validate's, on the job."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import ChoiceSweep
     from hydra.errors import HydraException
 
-    pairs: list[tuple[str, Any]] = []
+    bad: dict[str, list[str]] = {}
     parser = OverridesParser.create()
     for text in overrides:
         try:
@@ -376,8 +372,10 @@ def override_problems(overrides: list[str] | tuple[str, ...]) -> list[str]:
         if key in GROUPS or override.is_delete() or override.package is not None:
             continue
         value = override.value()
-        values = value.list if isinstance(value, ChoiceSweep) else [value]
         if override.is_sweep_override() and not isinstance(value, ChoiceSweep):
             continue  # a range or glob sweep: Hydra checks each job
-        pairs.extend((key, v) for v in values)
-    return type_problems(pairs, strict=True, check_bounds=True)
+        values = value.list if isinstance(value, ChoiceSweep) else [value]
+        problems = type_problems([(key, v) for v in values], strict=True)
+        if problems:
+            bad[text] = problems
+    return bad

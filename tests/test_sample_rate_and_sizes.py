@@ -9,7 +9,7 @@ from flwr.app import ConfigRecord, Context, RecordDict
 
 from fedlora.client.dp import dp_setup
 from fedlora.client.node import SIMULATION_ENV, NodeIdentity
-from fedlora.task.config import ConfigError, compose_job, validate_data
+from fedlora.task.config import ConfigError, compose_job, validate, validate_data
 from fedlora.task.training import local_batch_size
 
 
@@ -39,11 +39,11 @@ def test_ledger_rate_is_the_rate_the_loader_samples_at(tmp_path) -> None:
 
 
 def test_sample_rate_config_errors() -> None:
-    for bad, message in ((0, r"sample_rate must be in \(0, 1\]"),
-                         (1.5, r"sample_rate must be in \(0, 1\]"),
-                         ("x", "sample_rate must be a number")):
-        with pytest.raises(ConfigError, match=message):  # refused as it is composed
-            compose_job([f"strategy.sample_rate={bad}"])
+    for bad in (0, 1.5):  # out of bounds: refused by validate, before any work
+        with pytest.raises(ConfigError, match=r"sample_rate must be in \(0, 1\]"):
+            validate(compose_job([f"strategy.sample_rate={bad}"]))
+    with pytest.raises(ConfigError, match="sample_rate must be a number"):
+        compose_job(["strategy.sample_rate=x"])  # the wrong type: refused as it is composed
     with pytest.raises(ConfigError, match="has no effect while strategy.sample_rate=0.5"):
         compose_job(["strategy.sample_rate=0.5", "strategy.batch_size=64"])  # one would be moot
     cfg = compose_job(["strategy.sample_rate=0.5"])

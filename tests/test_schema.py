@@ -7,7 +7,7 @@ import yaml
 
 from fedlora.deploy.cli import _overrides_in, main
 from fedlora.task.config import ConfigError, compose_job, validate
-from fedlora.task.schema import JobConfig, override_problems, schema_fields
+from fedlora.task.schema import JobConfig, bad_overrides, schema_fields
 
 
 def test_cfg_job_prints_every_schema_key_typed(capsys, tmp_path) -> None:
@@ -30,14 +30,15 @@ def test_wrong_types_exit_2_before_any_work_listing_every_problem(capsys, tmp_pa
     run = tmp_path / "run"
     code = main(["simulate", "federation.rounds=ten", "strategy.lr=fast",
                  "privacy.enabled=maybe", "model.max_length=1", "federation.roundz=3",
-                 f"hydra.run.dir={run}"])
+                 "federation.clients_per_round=20", f"hydra.run.dir={run}"])
     err = capsys.readouterr().err
     assert code == 2 and not run.exists()
     for line in ("federation.rounds must be an integer, got 'ten'",
                  "strategy.lr must be a number, got 'fast'",
                  "privacy.enabled must be true or false, got 'maybe'",
                  "model.max_length must be >= 2, got 1",
-                 "federation.roundz is not a config key"):
+                 "federation.roundz is not a config key",
+                 "federation.clients_per_round (20) exceeds federation.num_clients (10)"):
         assert line in err, err
 
 
@@ -72,9 +73,9 @@ def test_a_plain_job_of_wrong_types_is_refused_with_every_problem() -> None:
 
 
 def test_sweeps_are_checked_value_by_value_and_groups_left_to_hydra() -> None:
-    assert override_problems(["strategy=fedsb", "privacy=none", "strategy.rank=4,8,x",
-                              "hydra.run.dir=/tmp/x", "strategy.options.anything=1"]) == [
-        "strategy.rank must be an integer, got 'x'"]
+    assert bad_overrides(["strategy=fedsb", "privacy=none", "strategy.rank=4,8,x",
+                          "hydra.run.dir=/tmp/x", "strategy.options.anything=1"]) == {
+        "strategy.rank=4,8,x": ["strategy.rank must be an integer, got 'x'"]}
 
 
 def test_hydra_flags_are_not_overrides() -> None:
