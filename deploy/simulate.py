@@ -126,6 +126,8 @@ def run_simulation(job: dict[str, Any], *, resume: bool = False, keep_ray: bool 
     global _kept_session
     from flwr.simulation import run_simulation as flwr_run_simulation
 
+    from fedlora.deploy.vce_delivery import cohort_delivery
+
     flwr_logger = logging.getLogger("flwr")
     if not any(isinstance(f, _HideRunSimulationNotice) for f in flwr_logger.filters):
         flwr_logger.addFilter(_HideRunSimulationNotice())
@@ -184,7 +186,7 @@ def run_simulation(job: dict[str, Any], *, resume: bool = False, keep_ray: bool 
     try:
         if address:
             _attach(str(address))
-        with _ray_shutdown_deferred() if keep_ray else nullcontext():
+        with _ray_shutdown_deferred() if keep_ray else nullcontext(), cohort_delivery():
             flwr_run_simulation(server_app=server_app, client_app=client_app,
                                 num_supernodes=int(job["federation"]["num_clients"]),
                                 backend_config=backend)

@@ -72,6 +72,7 @@ class FederationLoop:
             ServerOptimizerConfig.from_config(cfg["strategy"].get("server_optimizer")),
             method.server_step_roles)
         self.nodes: dict[int, NodeInfo] = {}
+        self.max_node_rank = 0  # the largest rank among self.nodes, set with them
         self.contacted: set[int] = set()  # partitions holding the method's node_keeps roles
         self.metrics = MetricsLog(self.run_dir)
         self.timeout = float(self.fed["round_timeout_s"])
@@ -176,6 +177,7 @@ class FederationLoop:
         self.exchange = MessageExchange(grid, self.progress, self.timeout)
         self.nodes = self.exchange.discover(int(self.fed["num_clients"]), self.job(),
                                             self.connect_timeout)
+        self.max_node_rank = max((n.rank for n in self.nodes.values()), default=0)
         if first == 1 and self.method.init_round_roles and not resume:
             self._init_round()
         for server_round in range(first, int(self.fed["rounds"]) + 1):
@@ -286,8 +288,9 @@ class FederationLoop:
         configured = self.fed.get("max_update_bytes")
         if configured:
             return int(configured)
-        # Four times the largest legitimate float32 update, plus room for metadata.
-        rank = max([self.spec.rank] + [n.rank for n in self.nodes.values()])
+        # Four times the largest legitimate float32 update, plus room for metadata. Asked
+        # for every reply: the nodes' largest rank is kept, not recomputed over all nodes.
+        rank = max(self.spec.rank, self.max_node_rank)
         floats = sum(self.method.uplink_floats(o, i, rank, round=server_round)
                      for o, i in self.spec.shapes.values())
         head = sum(t.numel() for t in self.state.head.values())

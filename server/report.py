@@ -14,33 +14,75 @@ from fedlora.task.files import atomic_write
 from .client_dp import LEDGER_NODE as CLIENT_LEVEL_NODE
 
 
+def _simulated_ledger_dir(cfg: dict[str, Any]) -> Path | None:
+    ledger_dir = cfg.get("ledger_dir")
+    return Path(ledger_dir) if ledger_dir and Path(ledger_dir).is_dir() else None
+
+
+def _read_node_ledger(path: Path) -> dict[str, Any] | None:
+    """A simulated node's lifetime ledger at ``path``; {} for another ledger (the server's
+    client-level one, a job ledger); None when it cannot be read this instant (a ledger
+    being replaced: the next read gets it)."""
+    try:
+        ledger = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if (isinstance(ledger, dict) and is_lifetime_key(ledger.get("federation", ""))
+            and ledger.get("node") != CLIENT_LEVEL_NODE):
+        return ledger
+    return {}
+
+
 def simulated_node_ledgers(cfg: dict[str, Any]) -> list[tuple[Path, dict[str, Any]]]:
     """In simulation only (the job names the nodes' ledger directory; a deployment never
     does): (path, content) of the simulated nodes' lifetime ledgers, sorted by path. The
     server's client-level ledger in the same directory is another guarantee: left out.
     Private nodes release no epsilon (it depends on N_k); the simulation's owner reads its
     own nodes' ledgers."""
-    ledger_dir = cfg.get("ledger_dir")
-    if not ledger_dir or not Path(ledger_dir).is_dir():
+    ledger_dir = _simulated_ledger_dir(cfg)
+    if ledger_dir is None:
         return []
     ledgers = []
-    for path in sorted(Path(ledger_dir).glob("*.privacy.json")):
-        try:
-            ledger = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue  # a ledger being replaced this instant: the next read gets it
-        if (isinstance(ledger, dict) and is_lifetime_key(ledger.get("federation", ""))
-                and ledger.get("node") != CLIENT_LEVEL_NODE):
+    for path in sorted(ledger_dir.glob("*.privacy.json")):
+        if ledger := _read_node_ledger(path):
             ledgers.append((path, ledger))
     return ledgers
 
 
+# Per ledger directory: each ledger file's (inode, size, mtime) when last read and the
+# epsilon it recorded (None: not a node ledger, or no epsilon). A ledger is replaced, never
+# rewritten in place (privacy/ledger_file.py), so an unchanged stamp is unchanged content.
+_SPEND_SEEN: dict[Path, dict[Path, tuple[tuple[int, int, int], float | None]]] = {}
+
+
 def simulated_spend(cfg: dict[str, Any]) -> float | None:
-    """The largest epsilon the simulated nodes' ledgers record (None outside simulation)."""
+    """The largest epsilon the simulated nodes' ledgers record (None outside simulation).
+
+    Asked every round: only ledgers whose file changed since the last call are read again
+    (a round's cohort), the others cost a stat, not a parse."""
     if not cfg.get("privacy", {}).get("enabled"):
         return None
-    spent = [float(ledger["epsilon_spent"]) for _, ledger in simulated_node_ledgers(cfg)
-             if "epsilon_spent" in ledger]
+    ledger_dir = _simulated_ledger_dir(cfg)
+    if ledger_dir is None:
+        return None
+    before = _SPEND_SEEN.get(ledger_dir, {})
+    seen: dict[Path, tuple[tuple[int, int, int], float | None]] = {}
+    for path in ledger_dir.glob("*.privacy.json"):
+        try:
+            stat = path.stat()
+        except OSError:
+            continue  # replaced or removed this instant
+        stamp = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        known = before.get(path)
+        if known is None or known[0] != stamp:
+            ledger = _read_node_ledger(path)
+            if ledger is None:
+                continue  # unreadable this instant: read again next time
+            known = (stamp, float(ledger["epsilon_spent"]) if "epsilon_spent" in ledger
+                     else None)
+        seen[path] = known
+    _SPEND_SEEN[ledger_dir] = seen
+    spent = [epsilon for _, epsilon in seen.values() if epsilon is not None]
     return max(spent) if spent else None
 
 

@@ -220,13 +220,29 @@ def _flower_split(name: str, fed: Mapping[str, Any], labels: torch.Tensor | None
 def _indices_of(part: Any, idx: np.ndarray, clients: int) -> list[list[int]]:
     """All clients' row indices. One load_partition() makes the whole assignment; the
     partitioners that keep it in a table are read from it (10,000 select() calls would
-    cost seconds per process), the others (iid shards) partition by partition."""
-    part.load_partition(0)
+    cost seconds per process), iid shards are cut from the rows' order, the others are
+    read partition by partition."""
+    first = sorted(part.load_partition(0)["idx"])
     table = getattr(part, "_partition_id_to_indices", None)
     if isinstance(table, dict) and len(table) == clients:
         return [sorted(idx[np.asarray(table[k], dtype=np.int64)].tolist())
                 for k in range(clients)]
+    from flwr_datasets.partitioner import IidPartitioner
+
+    if isinstance(part, IidPartitioner):
+        parts = _contiguous_shards(idx, clients)
+        # What load_partition(k) selects (dataset.shard(clients, k, contiguous=True)),
+        # checked at both ends: any other rule reads every partition instead.
+        if parts[0] == first and parts[-1] == sorted(part.load_partition(clients - 1)["idx"]):
+            return parts
     return [sorted(part.load_partition(k)["idx"]) for k in range(clients)]
+
+
+def _contiguous_shards(idx: np.ndarray, clients: int) -> list[list[int]]:
+    """``idx`` cut into ``clients`` contiguous runs in order, the first ``len % clients``
+    one longer (datasets' ``shard(contiguous=True)``), each sorted."""
+    bounds = np.cumsum([0, *_even_sizes(len(idx), clients)])
+    return [sorted(idx[bounds[k]:bounds[k + 1]].tolist()) for k in range(clients)]
 
 
 def legacy_dirichlet(labels: torch.Tensor | None, num_examples: int, num_clients: int,

@@ -136,6 +136,7 @@ def server_expectation(method: Method, spec: AdapterSpec, state: GlobalState,
 
     node = SimpleNamespace(rank=client_rank if client_rank is not None else spec.rank)
     loop = SimpleNamespace(method=method, spec=spec, state=state, nodes={1: node},
+                           max_node_rank=node.rank,
                            fed={}, max_norm=None, evaluator=SimpleNamespace(fingerprint=""))
     loop._max_bytes = lambda r: FederationLoop._max_bytes(loop, r)  # type: ignore[attr-defined]
     return FederationLoop.expectation(loop, server_round, 1)  # type: ignore[arg-type]
