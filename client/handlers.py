@@ -249,7 +249,8 @@ def _local_training(round_: _Round, start: ClientStart,
                                    dp.run)
         except BudgetExhausted as exc:
             raise PolicyRefusal("budget-exhausted", str(exc)) from exc
-    keep_trained(round_.context, runtime, start.trainable)
+    keep_trained(round_.context, runtime, start.trainable, round_.node.key_dir,
+                 str(round_.cfg.get("run_name", "")))
     # The node's own log keeps what it does not release (under DP: loss and timing).
     _log.info("%s round %d: train loss %.4f, %.1f s", round_.node.name, number,
               result.train_loss, result.seconds)

@@ -7,6 +7,9 @@ FedSA-LoRA's B). Later downlinks carry only what changes; the node fills in the 
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import torch
 from flwr.app import ArrayRecord, Context
 
@@ -55,13 +58,31 @@ def with_kept_factors(context: Context, runtime: ClientRuntime, factors: Factors
     return {m: {**kept[m], **roles} for m, roles in factors.items()}
 
 
-def keep_trained(context: Context, runtime: ClientRuntime, trained: tuple[str, ...]) -> None:
-    """Kept roles that this round trained (a personalized factor) are kept as trained."""
+def keep_trained(context: Context, runtime: ClientRuntime, trained: tuple[str, ...],
+                 directory: Path | None = None, run_name: str = "") -> None:
+    """Kept roles that this round trained (a personalized factor) are kept as trained,
+    and written to ``directory`` (the node's own, never sent anywhere) as
+    :func:`personal_factors_path`: what `fedlora generate --node-factors` reads."""
     keeps = tuple(r for r in runtime.method.node_keeps if r in trained)
     if not keeps:
         return
     stored = _stored(context)
+    personal = {}
     for module, roles in runtime.host.factors(keeps).items():
         for role, tensor in roles.items():
-            stored[f"{module}{SEP}{role}"] = tensor.contiguous()
+            stored[f"{module}{SEP}{role}"] = personal[f"{module}{SEP}{role}"] = \
+                tensor.detach().cpu().contiguous()
     context.state[STATE_KEY] = ArrayRecord(stored)
+    if directory is not None:
+        from safetensors.torch import save
+
+        from fedlora.task.files import atomic_write
+
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write(personal_factors_path(directory, run_name), save(personal), mode=0o600)
+
+
+def personal_factors_path(directory: Path, run_name: str) -> Path:
+    """Where a node keeps a personalized method's factors for run ``run_name``."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", run_name) or "run"
+    return directory / f"personal-factors-{safe}.safetensors"

@@ -7,8 +7,9 @@
 The prompt goes through the same template as training (the tokenizer's chat template, or
 the job's named one); ``--raw`` sends it as is. A personalized method (fedsa) has no
 global model: the adapter in RUN_DIR is the base plus the averaged head, so generation
-needs a node's own factors, the safetensors file of what the node keeps
-(``<module>/B`` tensors, the node's kept-factor names).
+needs a node's own factors: the safetensors file each node writes to its own key
+directory as it trains (``personal-factors-<run_name>.safetensors``, of ``<module>::B``
+tensors; in a simulation ``RUN_DIR/node-keys/partition-K/``).
 """
 
 from __future__ import annotations

@@ -98,8 +98,14 @@ def test_generate_prints_an_answer_and_refuses_fedsa(runs):
     assert proc.stdout.strip()  # some text (a 2-round tiny model's words, not a headline)
     from fedlora.deploy.generate import UsageError, answer
 
+    personalized = runs[("gpt2", "fedsa", False)]
     with pytest.raises(UsageError, match="fedsa is personalized"):
-        answer(runs[("gpt2", "fedsa", False)], "hi")
+        answer(personalized, "hi")
+    # Each simulated node wrote its own B to its own directory; generate reads one.
+    files = sorted((personalized / "node-keys").glob("partition-*/personal-factors-*"))
+    assert len(files) == 2, files
+    assert answer(personalized, "Write a headline: rain in Leeds", max_new_tokens=4,
+                  node_factors=files[0]).strip()
 
 
 def test_merged_export_loads_with_auto_model(runs, tmp_path):
