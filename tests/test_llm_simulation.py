@@ -104,8 +104,18 @@ def test_generate_prints_an_answer_and_refuses_fedsa(runs):
     # Each simulated node wrote its own B to its own directory; generate reads one.
     files = sorted((personalized / "node-keys").glob("partition-*/personal-factors-*"))
     assert len(files) == 2, files
-    assert answer(personalized, "Write a headline: rain in Leeds", max_new_tokens=4,
-                  node_factors=files[0]).strip()
+    assert isinstance(answer(personalized, "Write a headline: rain in Leeds",
+                             max_new_tokens=4, node_factors=files[0]), str)
+    # Each node's model is the base with that node's own delta merged in.
+    from transformers import AutoModelForCausalLM
+
+    from fedlora.deploy.generate import load_for_generation
+
+    ids = torch.randint(5, 500, (1, 12), generator=torch.Generator().manual_seed(2))
+    cfg = yaml.safe_load((personalized / "config.yaml").read_text())
+    base = AutoModelForCausalLM.from_pretrained(cfg["model"]["path"]).eval()(ids).logits
+    nodes = [load_for_generation(personalized, f)[0](ids).logits for f in files]
+    assert not torch.allclose(nodes[0], base) and not torch.allclose(nodes[0], nodes[1])
 
 
 def test_merged_export_loads_with_auto_model(runs, tmp_path):
