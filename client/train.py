@@ -1,24 +1,26 @@
-"""The local round: exactly ``local_steps`` optimizer steps, plain or DP-SGD (privacy/)."""
+"""The local round: exactly ``local_steps`` optimizer steps, plain or DP-SGD (privacy/).
+
+The DP-SGD engine (Opacus, about half of a fresh process's import time) is imported
+when a private round runs, not with this module: a deployed node starts a process per
+message (client/app.py), and a plain round never needs it.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fedlora.privacy import (
-    DPSettings,
-    PrivacyLedger,
-    run_private_gradient_estimate,
-    run_private_round,
-)
 from fedlora.task.evaluate import forward, loss_of
 from fedlora.task.training import local_batch_size
+
+if TYPE_CHECKING:
+    from fedlora.privacy import DPSettings, PrivacyLedger
 
 
 @dataclass
@@ -56,9 +58,10 @@ def train_plain(
     done = 0
     while done < steps:
         for batch in loader:
-            batch = _to_device(batch, device)
-            logits, targets = forward(model, batch, task)
-            loss = loss_of(logits, targets)
+            # No name holds the logits: backward needs only the loss's graph, so the
+            # (B, T, vocab) logits of a causal LM are freed before it (620 MB at
+            # Qwen2.5's vocabulary, batch 8 x 128), as in a loop that reads .loss.
+            loss = loss_of(*forward(model, _to_device(batch, device), task))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -85,6 +88,8 @@ def train_private(
 
     Sampling and noise come from a fresh keystream per call (never from a seed): training
     the same round again is a new release with independent noise, charged again."""
+    from fedlora.privacy import run_private_round
+
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, strategy)
     loader = dp_loader(dataset, local_batch_size(strategy, len(dataset)))
@@ -104,6 +109,8 @@ def gradient_estimate(
 ) -> dict[str, torch.Tensor]:
     """The init round's (DP when a ledger is given) mean gradient of each target weight
     (e.g. Fed-SB's init); the method's client_init_payload turns it into what goes up."""
+    from fedlora.privacy import run_private_gradient_estimate
+
     loader = dp_loader(dataset, local_batch_size(strategy, len(dataset)))
     return run_private_gradient_estimate(
         model, weights, loader, lambda m, batch: forward(m, _to_device(batch, device), task),

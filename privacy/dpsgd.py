@@ -228,9 +228,11 @@ def _steps(
                 shape=(n, math.prod(targets.shape[1:])),
             )
             losses = loss.loss_per_sample.detach()
+            del logits  # backward needs the loss's graph, not the (B, T, vocab) logits
             loss.backward()  # two passes: per-example norms, then the clipped sum
         else:
             losses = per_sample_loss(logits, targets)
+            del logits
             # Mean over the batch, as Opacus's loss_reduction="mean" expects; an empty
             # Poisson batch gives a zero loss that still runs the hooks.
             (losses.sum() / max(n, 1)).backward()

@@ -3,7 +3,9 @@
 Every dataset becomes a :class:`TokenizedData`: ``TensorDataset(input_ids, attention_mask,
 labels)`` for a train and a fixed held-out test split. For classification ``labels`` is
 the class index; for causal LM it is the token ids with padding set to -100 (the shift
-happens in :func:`fedlora.task.training.forward`). Tokenized data is cached per process.
+happens in :func:`fedlora.task.evaluate.forward`). Tokenized data is cached per process,
+and on the node's disk (task/token_cache.py: keyed by the digests of the data files, the
+tokenizer and the settings), since a deployed node starts a new process for every message.
 """
 
 from __future__ import annotations
@@ -58,7 +60,13 @@ def load_data(
         sort_keys=True, default=str,
     )
     if key not in _CACHE:
-        _CACHE[key] = _build(data_cfg, model_cfg, vocab_size)
+        if data_cfg.get("source") == "synthetic" and data_cfg.get("kind") != "instruct":
+            _CACHE[key] = _build(data_cfg, model_cfg, vocab_size)  # cheaper than a read
+        else:
+            from .token_cache import cached
+
+            _CACHE[key] = cached(data_cfg, model_cfg, vocab_size,
+                                 lambda: _build(data_cfg, model_cfg, vocab_size))
     return _CACHE[key]
 
 
