@@ -59,7 +59,7 @@ LAYER = (
     ("mlp.up_proj", 11008, 4096),
     ("mlp.down_proj", 4096, 11008),
 )
-METHODS = ("fedavg", "ffa", "flora", "fedsvd", "fedsb")
+METHODS = ("fedavg", "ffa", "flora", "fedsvd", "fedsb", "flexlora", "fedex", "rolora", "fedsa")
 TARGET_ROUND_S = 1.0
 TARGET_FLORA_S = 0.3
 TARGET_SPEEDUP = 1000.0
@@ -95,10 +95,10 @@ def client_factors(
 
 
 def client_updates(method: Any, spec: AdapterSpec, factors: list[dict]) -> list[ClientUpdate]:
-    """Client k's update: its uplink roles of ``factors[k]``, 100 + 10 k examples."""
+    """Client k's update: its round-1 uplink roles of ``factors[k]``, 100 + 10 k examples."""
     return [
         ClientUpdate(
-            factors={m: {k: f[m][k] for k in method.uplink_roles} for m in spec.shapes},
+            factors={m: {k: f[m][k] for k in method.uplink_in_round(1)} for m in spec.shapes},
             num_examples=100 + 10 * k,
             scaling=spec.scaling,
         )
