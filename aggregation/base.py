@@ -108,6 +108,9 @@ class Method(ABC):
     node_keeps: ClassVar[tuple[str, ...]] = ()
     # Some factors never leave the client: no single global model.
     personalized: ClassVar[bool] = False
+    # Whether clients merge a server-held delta into their frozen base weights
+    # (ClientStart.base_delta): impossible on a quantized base, whose weights are packed.
+    merges_into_base: ClassVar[bool] = False
     # Roles whose new global value is the weighted average of what clients sent, in a basis
     # that does not move between rounds: a server optimizer may step on (average - previous).
     server_step_roles: ClassVar[tuple[str, ...]] = ()

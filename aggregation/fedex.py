@@ -68,6 +68,7 @@ class FedExLoRA(Method):
     uplink_roles = ("A", "B")
     downlink_roles = ("A", "B", "U", "V")
     exact = True
+    merges_into_base = True
     server_step_roles = ()
 
     @dataclass

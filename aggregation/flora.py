@@ -67,6 +67,7 @@ class FLoRA(Method):
     uplink_roles = ("A", "B")
     downlink_roles = ("B", "A")
     exact = True
+    merges_into_base = True
     per_client_rank = True
 
     @dataclass

@@ -163,6 +163,12 @@ def llm_problems(cfg: Mapping[str, Any]) -> list[str]:
         if model.get("source") != "path":
             problems.append(f"model.quantization={quant} is for a model directory "
                             f"(model=hf_local), not model.source={model.get('source')!r}")
+        method = _method_class(cfg)
+        if method is not None and method.merges_into_base:
+            problems.append(f"model.quantization={quant} with strategy={method.name}: its "
+                            f"clients merge the server's accumulated delta into the frozen "
+                            f"base weights, which a quantized base stores packed; use "
+                            f"model.quantization=none or another strategy")
     if privacy.get("enabled"):
         if model.get("gradient_checkpointing"):
             problems.append("model.gradient_checkpointing=true under DP: Opacus computes "
@@ -176,6 +182,14 @@ def llm_problems(cfg: Mapping[str, Any]) -> list[str]:
                             "examples, so DP-SGD would protect rows, not examples; turn "
                             "packing off")
     return problems
+
+
+def _method_class(cfg: Mapping[str, Any]) -> Any:
+    """The job's aggregation method class (None where the name is unknown: refused elsewhere)."""
+    from ..aggregation.registry import available_methods, get_method
+
+    name = (cfg.get("strategy") or {}).get("name")
+    return type(get_method(name)) if name in available_methods() else None
 
 
 def check_llm(cfg: Mapping[str, Any]) -> None:

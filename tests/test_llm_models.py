@@ -102,6 +102,10 @@ def test_refusals_name_why(models):
     cases = [
         (["privacy=none", "model.dtype=bfloat16"], "model.dtype=bfloat16 needs device=cuda"),
         (["privacy=none", "model.quantization=nf4"], "model.quantization=nf4 needs device=cuda"),
+        (["privacy=none", "model.quantization=nf4", "strategy=flora"],
+         "model.quantization=nf4 with strategy=flora: its clients merge"),
+        (["privacy=none", "model.quantization=int8", "strategy=fedex"],
+         "model.quantization=int8 with strategy=fedex: its clients merge"),
         (["privacy=dp", "model.gradient_checkpointing=true"],
          "model.gradient_checkpointing=true under DP"),
         (["privacy=dp", "data.packing=true"], "data.packing=true under DP"),
