@@ -3,6 +3,7 @@
     python bench/llm.py [--json] [--shapes qwen2.5-0.5b,llama-3.2-1b] [--methods ffa,fedsb,fedavg]
                         [--modes peft,plain,hooks,ghost] [--batch 4] [--seq 128] [--steps 2]
                         [--repeat 1] [--paired] [--device cpu]
+                        [--dtype float32] [--quantization none]
 
 Each (shape, method, mode) runs in a fresh process: the model is built from the published
 configuration (no download; weights drawn at random, N(0, 0.02)), the method's adapters
@@ -19,7 +20,11 @@ through ``labels=``), run once per shape; every fedlora row prints its speed and
 memory as a ratio to it. ``--repeat N`` runs the whole rotation of processes N times
 (on a shared machine the load drifts) and reports each row's fastest run, its peak
 memory from the same run. ``--device cuda`` runs them on a GPU (float32 as on CPU; the
-peak is then ``torch.cuda.max_memory_allocated``, the weights included).
+peak is then ``torch.cuda.max_memory_allocated``, the weights included); there
+``--dtype bfloat16`` runs the base in bf16 and ``--quantization nf4`` (or int8) loads it
+4-bit through fedlora's own loader (bitsandbytes), from a safetensors copy of the random
+weights that the first process writes and the others reuse. ``bench/llm_gpu.sh`` is the
+GPU table.
 
 ``--paired`` measures speed only, in one process per (shape, method): one step of every
 mode in turn, ``--steps`` times over (after a warm-up round), on one copy of the base
@@ -41,6 +46,9 @@ import time
 from pathlib import Path
 
 DEVICE_ENV = "FEDLORA_BENCH_DEVICE"
+DTYPE_ENV = "FEDLORA_BENCH_DTYPE"
+QUANTIZATION_ENV = "FEDLORA_BENCH_QUANTIZATION"
+SAVED_ENV = "FEDLORA_BENCH_SAVED"  # where quantized runs keep the saved random weights
 SHAPES = {
     # Qwen/Qwen2.5-0.5B config.json
     "qwen2.5-0.5b": ("Qwen2Config", dict(
@@ -52,6 +60,12 @@ SHAPES = {
         vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
         num_attention_heads=32, num_key_value_heads=8, head_dim=64,
         max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True,
+        rms_norm_eps=1e-5)),
+    # meta-llama/Llama-3.1-8B config.json (rope scaling left out: it does not change cost)
+    "llama-3.1-8b": ("LlamaConfig", dict(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+        max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False,
         rms_norm_eps=1e-5)),
     # A toy of the Qwen2 family, for smoke tests of the benches (tests/test_llm_bench.py).
     "tiny-qwen2": ("Qwen2Config", dict(
@@ -65,8 +79,8 @@ def _job(shape: str, method: str, mode: str, batch: int, seq: int, directory: Pa
     return {
         "model": {"name": shape, "source": "path", "package": None, "path": str(directory),
                   "task": "causal_lm", "target_modules": ["q_proj", "v_proj"],
-                  "head_modules": [], "max_length": seq, "dtype": "float32",
-                  "gradient_checkpointing": False, "quantization": "none"},
+                  "head_modules": [], "max_length": seq, "dtype": _precision()[0],
+                  "gradient_checkpointing": False, "quantization": _precision()[1]},
         "strategy": {"name": method, "rank": 16, "alpha": 32, "lr": 1e-4, "local_steps": 1,
                      "batch_size": batch, "weighting": "examples", "optimizer": "adamw",
                      "options": {}},
@@ -119,15 +133,37 @@ def _build(shape: str):
     transformers.logging.set_verbosity_error()
     config_cls, kwargs = SHAPES[shape]
     config = getattr(transformers, config_cls)(**kwargs)
+    dtype, quantization = _precision()
     with no_init_weights():  # allocate only; the draw below is one cheap pass
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for param in model.parameters():
             param.normal_(0.0, 0.02, generator=generator)
+    if quantization != "none":
+        model = _quantized(shape, model, dtype, quantization)
+    else:
+        model = model.to(_device())
     model.requires_grad_(False)
     model.config.use_cache = False
-    return model.to(_device()), config, generator
+    return model, config, generator
+
+
+def _precision() -> tuple[str, str]:
+    """The base's (dtype, quantization): ``--dtype`` and ``--quantization``."""
+    return os.environ.get(DTYPE_ENV, "float32"), os.environ.get(QUANTIZATION_ENV, "none")
+
+
+def _quantized(shape: str, model, dtype: str, quantization: str):
+    """``model`` saved once (safetensors) and loaded back quantized by fedlora's loader."""
+    from fedlora.task.llm import load_causal_lm
+
+    saved = Path(os.environ.get(SAVED_ENV) or tempfile.mkdtemp()) / f"{shape}-{dtype}"
+    if not (saved / "config.json").exists():
+        model.save_pretrained(saved, safe_serialization=True)
+    del model
+    return load_causal_lm(saved, {"dtype": dtype, "quantization": quantization},
+                          str(_device()))
 
 
 def _data(config, generator, batch: int, seq: int):
@@ -417,6 +453,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None,
                         help="cpu (default) or cuda; on CUDA the peak is "
                              "torch.cuda.max_memory_allocated")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="the base's dtype (bfloat16: CUDA)")
+    parser.add_argument("--quantization", default="none", choices=("none", "nf4", "int8"),
+                        help="a quantized frozen base through bitsandbytes (CUDA)")
     parser.add_argument("--paired", action="store_true",
                         help="interleave every mode's steps in one process per (shape, "
                              "method); --steps cycles; speed ratios only (no peak memory)")
@@ -424,6 +464,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.device:
         os.environ[DEVICE_ENV] = args.device  # the children inherit it
+    if (args.dtype != "float32" or args.quantization != "none") and \
+            not str(args.device or "cpu").startswith("cuda"):
+        parser.error("--dtype bfloat16 and --quantization run on --device cuda only "
+                     "(fedlora trains in float32 on CPU; bitsandbytes quantizes on GPUs)")
+    if args.quantization != "none" and args.paired:
+        parser.error("--paired shares one copy of unquantized weights between modes; "
+                     "drop --paired for a quantized base")
+    os.environ[DTYPE_ENV], os.environ[QUANTIZATION_ENV] = args.dtype, args.quantization
+    if args.quantization != "none" and not args.one and not os.environ.get(SAVED_ENV):
+        saved = tempfile.TemporaryDirectory(prefix="fedlora-bench-")
+        os.environ[SAVED_ENV] = saved.name  # removed when this process exits
     if args.paired:
         return _paired(args)
     if args.one:
