@@ -70,7 +70,7 @@ class FederationLoop:
         self.state: GlobalState = method.init_state(self.spec, evaluator.initial_head)
         self.server_optimizer = ServerOptimizer(
             ServerOptimizerConfig.from_config(cfg["strategy"].get("server_optimizer")),
-            method.server_step_roles)
+            method.server_step_roles, int(self.fed["rounds"]))
         self.nodes: dict[int, NodeInfo] = {}
         self.max_node_rank = 0  # the largest rank among self.nodes, set with them
         self.contacted: set[int] = set()  # partitions holding the method's node_keeps roles

@@ -16,7 +16,9 @@ and the server may step on it instead of taking the average as is (heads too):
                 x_t = x_{t-1} + lr * m_t / (sqrt(v_t) + tau)     (no bias correction, as
                 in the paper; tau bounds the per-coordinate step by about lr)
 
-``none`` (or momentum with lr 1 and momentum 0) is plain averaging. Under DP this is
+``schedule`` (cosine or linear) decays lr over the run's rounds to ``min_factor`` x lr: under
+client-level DP the noise on every round's mean is the same, so a smaller late step averages
+more rounds' noise away. ``none`` (or momentum with lr 1 and momentum 0) is plain averaging. Under DP this is
 post-processing of the clients' private outputs: it costs no privacy. The method's own
 aggregate (and its exactness) is unchanged; the step is applied after it.
 """
@@ -34,7 +36,7 @@ from fedlora.task.training import ServerOptimizerConfig
 class ServerOptimizer:
     """Steps the declared roles (and heads) of a new global state; keeps m and v per tensor."""
 
-    def __init__(self, config: ServerOptimizerConfig, roles: tuple[str, ...]):
+    def __init__(self, config: ServerOptimizerConfig, roles: tuple[str, ...], rounds: int = 1):
         if config.active and not roles:
             raise ValueError(
                 f"server_optimizer {config.name!r} needs a method whose global factors are a "
@@ -42,6 +44,7 @@ class ServerOptimizer:
             )
         self.config = config
         self.roles = tuple(roles)
+        self.rounds = int(rounds)  # the run's planned rounds, for the lr schedule
         self.moments: dict[str, torch.Tensor] = {}  # "m::<name>" and "v::<name>"
 
     def _names(self, state: GlobalState) -> list[str]:
@@ -56,6 +59,7 @@ class ServerOptimizer:
         before, after = previous.tensors(), averaged.tensors()
         out = dict(after)
         c = self.config
+        lr = c.lr_at(averaged.round, self.rounds)
         for name in self._names(averaged):
             if name not in before:  # nothing to step from (e.g. a head first seen now)
                 continue
@@ -65,14 +69,14 @@ class ServerOptimizer:
                 v = self.moments.get(f"v{SEP}{name}", torch.zeros_like(delta))
                 v = c.momentum * v + delta
                 self.moments[f"v{SEP}{name}"] = v
-                stepped = x0 + c.lr * v
+                stepped = x0 + lr * v
             else:
                 m = self.moments.get(f"m{SEP}{name}", torch.zeros_like(delta))
                 v = self.moments.get(f"v{SEP}{name}", torch.zeros_like(delta))
                 m = c.beta1 * m + (1 - c.beta1) * delta
                 v = c.beta2 * v + (1 - c.beta2) * delta * delta
                 self.moments[f"m{SEP}{name}"], self.moments[f"v{SEP}{name}"] = m, v
-                stepped = x0 + c.lr * m / (v.sqrt() + c.tau)
+                stepped = x0 + lr * m / (v.sqrt() + c.tau)
             out[name] = stepped.to(after[name].dtype)
         return GlobalState.from_tensors(averaged.round, out, averaged.meta)
 

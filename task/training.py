@@ -84,6 +84,7 @@ class LRSchedule:
 
 
 SERVER_OPTIMIZERS: tuple[str, ...] = ("none", "momentum", "adam")
+DECAYS: tuple[str, ...] = ("constant", "cosine", "linear")
 
 
 @dataclass
@@ -96,6 +97,10 @@ class ServerOptimizerConfig:
     beta2: float = knob(0.99, "adam (FedAdam): second-moment decay", low=0, high=1,
                         below=True)
     tau: float = knob(1e-3, "adam (FedAdam): adaptivity floor", low=0, above=True)
+    schedule: str = knob("constant", "server lr across rounds: constant, or cosine / linear "
+                         "decay to min_factor x lr in the last round", choices=DECAYS)
+    min_factor: float = knob(0.1, "cosine, linear: the last round's server lr as a fraction "
+                             "of lr", low=0, high=1)
 
     def __post_init__(self) -> None:
         check_knobs(self, "server_optimizer")
@@ -108,6 +113,11 @@ class ServerOptimizerConfig:
     @property
     def active(self) -> bool:
         return self.name != "none"
+
+    def lr_at(self, round_: int, rounds: int) -> float:
+        """The server rate in round ``round_`` of ``rounds`` (1-based): lr times the decay."""
+        return LRSchedule(kind=self.schedule, min_factor=self.min_factor).lr(self.lr, round_,
+                                                                            rounds)
 
 
 def round_lr(cfg: Mapping[str, Any], round_: int) -> float:

@@ -143,3 +143,28 @@ def test_client_optimizer_is_adamw_or_sgd_and_the_new_knob_keeps_stored_results(
     base = ["privacy=dp_eps8"]
     assert config_digest([*base, "strategy.optimizer=adamw"]) == config_digest(base)
     assert config_digest([*base, "strategy.optimizer=sgd"]) != config_digest(base)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_server_lr_schedule_decays_the_step_to_min_factor_over_the_planned_rounds(
+        schedule: str) -> None:
+    method, state, _ = _round("ffa", 0)
+    config = ServerOptimizerConfig(name="momentum", lr=0.8, momentum=0.5, schedule=schedule,
+                                   min_factor=0.25)
+    rates = [config.lr_at(t, 3) for t in (1, 2, 3)]
+    assert rates[0] == pytest.approx(0.8) and rates[2] == pytest.approx(0.2)
+    assert rates[1] == pytest.approx(0.5)  # half way, for both decays
+    optimizer = ServerOptimizer(config, method.server_step_roles, rounds=3)
+    x, v = state, {}
+    for t in range(3):
+        _, _, updates = _round("ffa", t + 1)
+        averaged = method.aggregate(x, updates)
+        stepped = optimizer.step(x, averaged)
+        for module in SPEC.shapes:
+            d = averaged.factors[module]["B"] - x.factors[module]["B"]
+            v[module] = 0.5 * v.get(module, 0) + d
+            torch.testing.assert_close(stepped.factors[module]["B"],
+                                       x.factors[module]["B"] + rates[t] * v[module])
+        x = stepped
+    with pytest.raises(ValueError, match="schedule"):
+        ServerOptimizerConfig.from_config({"name": "momentum", "schedule": "exponential"})
