@@ -62,6 +62,9 @@ def _fmt(values: list[float]) -> str:
     return mean_interval(values).text() if values else "-"
 
 
+MIN_PAIRED_SEEDS = 3
+
+
 def paired_lines(by_seed: dict[tuple[str, str], dict[int, float]], methods: list[str],
                  privacy: list[str], baseline: str = "fedavg") -> list[str]:
     """Each method minus ``baseline`` per budget, paired by seed, with its 95% interval."""
@@ -69,7 +72,8 @@ def paired_lines(by_seed: dict[tuple[str, str], dict[int, float]], methods: list
         return []
     lines = ["", f"Paired comparison with {baseline} (final accuracy, method minus {baseline}, "
              "over the seeds both ran; 95% paired t-interval; significant when it excludes "
-             "0):", "", "| method | budget | difference | significant |", "|---|---|---|---|"]
+             f"0, judged from {MIN_PAIRED_SEEDS} seeds on: with two, accuracy's steps of "
+             "one test article can make both differences equal and the interval empty):", "", "| method | budget | difference | significant |", "|---|---|---|---|"]
     for p in privacy:
         for method in methods:
             if method == baseline:
@@ -77,7 +81,7 @@ def paired_lines(by_seed: dict[tuple[str, str], dict[int, float]], methods: list
             d = paired_difference(by_seed.get((method, p), {}), by_seed.get((baseline, p), {}))
             if d is None:
                 continue
-            verdict = ("too few seeds" if d.n < 2 else
+            verdict = ("too few seeds" if d.n < MIN_PAIRED_SEEDS else
                        ("yes" if d.excludes_zero() else "no"))
             lines.append(f"| {method} | {p} | {d.text(signed=True)} | {verdict} |")
     return lines

@@ -36,3 +36,18 @@ def test_paired_difference_uses_only_shared_seeds() -> None:
     assert paired_difference({1: 0.5}, {2: 0.5}) is None
     noisy = paired_difference({1: 0.9, 2: 0.8, 3: 0.95}, {1: 0.85, 2: 0.9, 3: 0.9})
     assert noisy is not None and not noisy.excludes_zero()
+
+
+def test_paired_table_judges_significance_from_three_seeds_only():
+    from bench.quality import paired_lines
+
+    # Two seeds whose differences are equal (one test article each): a zero-width interval.
+    by_seed = {("fedavg", "dp_eps8"): {2: 0.900, 3: 0.910},
+               ("ffa", "dp_eps8"): {2: 0.9045, 3: 0.9145}}
+    (row,) = [line for line in paired_lines(by_seed, ["fedavg", "ffa"], ["dp_eps8"])
+              if line.startswith("| ffa")]
+    assert row.endswith("| too few seeds |")
+    by_seed[("fedavg", "dp_eps8")][4], by_seed[("ffa", "dp_eps8")][4] = 0.905, 0.910
+    (row,) = [line for line in paired_lines(by_seed, ["fedavg", "ffa"], ["dp_eps8"])
+              if line.startswith("| ffa")]
+    assert row.endswith("| yes |")
