@@ -33,148 +33,31 @@ shared machine whose load drifts this is the comparison to trust; the fresh-proc
 give the peak memory.
 """
 
+
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-DEVICE_ENV = "FEDLORA_BENCH_DEVICE"
-DTYPE_ENV = "FEDLORA_BENCH_DTYPE"
-QUANTIZATION_ENV = "FEDLORA_BENCH_QUANTIZATION"
-SAVED_ENV = "FEDLORA_BENCH_SAVED"  # where quantized runs keep the saved random weights
-SHAPES = {
-    # Qwen/Qwen2.5-0.5B config.json
-    "qwen2.5-0.5b": ("Qwen2Config", dict(
-        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-        rope_theta=1000000.0, tie_word_embeddings=True, rms_norm_eps=1e-6)),
-    # meta-llama/Llama-3.2-1B config.json (rope scaling left out: it does not change cost)
-    "llama-3.2-1b": ("LlamaConfig", dict(
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-        max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True,
-        rms_norm_eps=1e-5)),
-    # meta-llama/Llama-3.1-8B config.json (rope scaling left out: it does not change cost)
-    "llama-3.1-8b": ("LlamaConfig", dict(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-        max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False,
-        rms_norm_eps=1e-5)),
-    # A toy of the Qwen2 family, for smoke tests of the benches (tests/test_llm_bench.py).
-    "tiny-qwen2": ("Qwen2Config", dict(
-        vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        tie_word_embeddings=True)),
-}
-
-
-def _job(shape: str, method: str, mode: str, batch: int, seq: int, directory: Path) -> dict:
-    return {
-        "model": {"name": shape, "source": "path", "package": None, "path": str(directory),
-                  "task": "causal_lm", "target_modules": ["q_proj", "v_proj"],
-                  "head_modules": [], "max_length": seq, "dtype": _precision()[0],
-                  "gradient_checkpointing": False, "quantization": _precision()[1]},
-        "strategy": {"name": method, "rank": 16, "alpha": 32, "lr": 1e-4, "local_steps": 1,
-                     "batch_size": batch, "weighting": "examples", "optimizer": "adamw",
-                     "options": {}},
-        "privacy": {"enabled": mode != "plain", "grad_sample_mode": mode},
-        "federation": {"seed": 0}, "device": str(_device()),
-    }
-
-
-def _device():
-    """Where the benches run: ``--device`` (cpu, cuda), passed to the children."""
-    import torch
-
-    return torch.device(os.environ.get(DEVICE_ENV, "cpu"))
-
-
-def _sync() -> None:
-    import torch
-
-    if _device().type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _baseline() -> int:
-    """What the peak is measured from: RSS after the imports (CPU); zero on CUDA, where
-    the peak is torch.cuda.max_memory_allocated (the weights included)."""
-    import psutil
-    import torch
-
-    if _device().type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        return 0
-    return psutil.Process().memory_info().rss
-
-
-def _peak(before: int) -> int:
-    import torch
-
-    if _device().type == "cuda":
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-
-
-def _build(shape: str):
-    """The shape's model with random weights (allocated, then one N(0, 0.02) draw)."""
-    import torch
-    import transformers
-    from transformers import AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-
-    transformers.logging.set_verbosity_error()
-    config_cls, kwargs = SHAPES[shape]
-    config = getattr(transformers, config_cls)(**kwargs)
-    dtype, quantization = _precision()
-    with no_init_weights():  # allocate only; the draw below is one cheap pass
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.02, generator=generator)
-    if quantization != "none":
-        model = _quantized(shape, model, dtype, quantization)
-    else:
-        model = model.to(_device())
-    model.requires_grad_(False)
-    model.config.use_cache = False
-    return model, config, generator
-
-
-def _precision() -> tuple[str, str]:
-    """The base's (dtype, quantization): ``--dtype`` and ``--quantization``."""
-    return os.environ.get(DTYPE_ENV, "float32"), os.environ.get(QUANTIZATION_ENV, "none")
-
-
-def _quantized(shape: str, model, dtype: str, quantization: str):
-    """``model`` saved once (safetensors) and loaded back quantized by fedlora's loader."""
-    from fedlora.task.llm import load_causal_lm
-
-    saved = Path(os.environ.get(SAVED_ENV) or tempfile.mkdtemp()) / f"{shape}-{dtype}"
-    if not (saved / "config.json").exists():
-        model.save_pretrained(saved, safe_serialization=True)
-    del model
-    return load_causal_lm(saved, {"dtype": dtype, "quantization": quantization},
-                          str(_device()))
-
-
-def _data(config, generator, batch: int, seq: int):
-    import torch
-    from torch.utils.data import TensorDataset
-
-    n = max(4 * batch, 32)
-    ids = torch.randint(0, config.vocab_size, (n, seq), generator=generator)
-    labels = ids.clone()
-    labels[:, : seq // 2] = -100  # a prompt half, as instruction data has
-    return TensorDataset(ids, torch.ones_like(ids), labels)
+from llm_models import (
+    DEVICE_ENV,
+    DTYPE_ENV,
+    QUANTIZATION_ENV,
+    SAVED_ENV,
+    baseline_bytes,
+    bench_device,
+    build,
+    job_config,
+    peak_bytes,
+    random_data,
+    sync,
+)
 
 
 def run_peft(shape: str, batch: int, seq: int, steps: int) -> dict:
@@ -185,15 +68,15 @@ def run_peft(shape: str, batch: int, seq: int, steps: int) -> dict:
 
     from fedlora.task.memory import estimate
 
-    before = _baseline()
-    model, config, generator = _build(shape)
-    need = estimate(_job(shape, "ffa", "plain", batch, seq, Path(".")), model=model)
+    before = baseline_bytes()
+    model, config, generator = build(shape)
+    need = estimate(job_config(shape, "ffa", "plain", batch, seq, Path(".")), model=model)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                              target_modules=["q_proj", "v_proj"]))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=1e-4)
-    data = _data(config, generator, batch, seq)
+    data = random_data(config, generator, batch, seq)
     loader = DataLoader(data, batch_size=batch, shuffle=True,
                         generator=torch.Generator().manual_seed(1))
 
@@ -201,7 +84,7 @@ def run_peft(shape: str, batch: int, seq: int, steps: int) -> dict:
         seen = 0
         while True:
             for batch_ in loader:
-                ids, mask, labels = (t.to(_device()) for t in batch_)
+                ids, mask, labels = (t.to(bench_device()) for t in batch_)
                 loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -213,14 +96,14 @@ def run_peft(shape: str, batch: int, seq: int, steps: int) -> dict:
                     return seen
 
     train(1)  # warm-up, as for the fedlora modes
-    _sync()
+    sync()
     started = time.perf_counter()
     seen = train(steps)
-    _sync()
+    sync()
     seconds = time.perf_counter() - started
-    peak = _peak(before)
+    peak = peak_bytes(before)
     return {"shape": shape, "method": "-", "mode": "peft", "batch": batch, "seq": seq,
-            "steps": steps, "device": str(_device()), "tokens_per_s": seen * seq / seconds,
+            "steps": steps, "device": str(bench_device()), "tokens_per_s": seen * seq / seconds,
             "seconds_per_step": seconds / steps, "peak_rss_mib": peak / 2**20,
             "estimate_mib": need.total / 2**20, "threads": torch.get_num_threads()}
 
@@ -244,9 +127,9 @@ def run_one(shape: str, method: str, mode: str, batch: int, seq: int, steps: int
     # counts the training, not the libraries' code.
     if mode != "plain":
         import fedlora.privacy.dpsgd  # noqa: F401
-    before = _baseline()
-    model, config, generator = _build(shape)
-    job = _job(shape, method, mode, batch, seq, Path("."))
+    before = baseline_bytes()
+    model, config, generator = build(shape)
+    job = job_config(shape, method, mode, batch, seq, Path("."))
     need = estimate(job, model=model)  # before the adapters wrap the target layers
     targets = target_module_names(model, ["q_proj", "v_proj"])
     fingerprint(model, targets[:1])
@@ -259,9 +142,9 @@ def run_one(shape: str, method: str, mode: str, batch: int, seq: int, steps: int
     spec = AdapterSpec(shapes=shapes, rank=16, alpha=32.0, seed=0)
     start = impl.client_start(impl.downlink(impl.init_state(spec), first_contact=True), spec)
     trainable = host.start(start, {})
-    data = _data(config, generator, batch, seq)
+    data = random_data(config, generator, batch, seq)
     n = len(data)
-    device = _device()
+    device = bench_device()
 
     def train(count: int):
         strategy = dict(job["strategy"], local_steps=count)
@@ -276,136 +159,20 @@ def run_one(shape: str, method: str, mode: str, batch: int, seq: int, steps: int
                              ledger, 1, 1e9)
 
     train(1)  # warm-up: first-step allocations and kernel choices
-    _sync()
+    sync()
     started = time.perf_counter()
     result = train(steps)
-    _sync()
+    sync()
     seconds = time.perf_counter() - started
-    peak = _peak(before)
+    peak = peak_bytes(before)
     # Under DP the batches are Poisson draws: tokens/s counts the examples actually seen.
     return {"shape": shape, "method": method, "mode": mode, "batch": batch, "seq": seq,
-            "steps": steps, "device": str(_device()),
+            "steps": steps, "device": str(bench_device()),
             "tokens_per_s": result.examples_seen * seq / seconds,
             "seconds_per_step": seconds / steps, "peak_rss_mib": peak / 2**20,
             "estimate_mib": need.total / 2**20, "threads": torch.get_num_threads(),
             "examples_seen": result.examples_seen}
 
-
-def run_paired(shape: str, method: str, modes: list[str], batch: int, seq: int,
-               cycles: int) -> dict:
-    """Every mode's steps interleaved in one process: ``cycles`` rounds of one step per
-    mode (after one warm-up round), on one copy of the base weights (the PEFT baseline and
-    fedlora's adapter host wrap two module trees that share them). A shared machine's load
-    drifts over minutes; adjacent steps see about the same load, so their ratios are what
-    this reports (each cycle's ratio to the bare PEFT step, and the median of those)."""
-    import statistics
-
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from torch.utils.data import DataLoader
-    from transformers import AutoModelForCausalLM
-
-    from fedlora.aggregation import AdapterSpec, get_method
-    from fedlora.client.train import train_plain, train_private
-    from fedlora.privacy import DPSettings, PrivacyLedger
-    from fedlora.task.adapters import AdapterHost
-    from fedlora.task.models import target_module_names
-
-    base, config, generator = _build(shape)
-    with torch.device("meta"):
-        twin = AutoModelForCausalLM.from_config(config)
-    twin.load_state_dict(base.state_dict(), assign=True)  # the same tensors, no copy
-    for name, buffer in base.named_buffers():  # non-persistent ones too (rotary tables)
-        owner, _, leaf = name.rpartition(".")
-        twin.get_submodule(owner)._buffers[leaf] = buffer
-    twin.requires_grad_(False)
-    twin.config.use_cache = False
-    data = _data(config, generator, batch, seq)
-    n = len(data)
-    steps: dict[str, object] = {}
-    if "peft" in modes:
-        peft_model = get_peft_model(twin, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
-                                                     target_modules=["q_proj", "v_proj"]))
-        peft_model.train()
-        optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad],
-                                      lr=1e-4)
-        batches = iter(())
-        order = torch.Generator().manual_seed(1)
-
-        def peft_step() -> int:
-            nonlocal batches
-            try:
-                ids, mask, labels = (t.to(_device()) for t in next(batches))
-            except StopIteration:
-                batches = iter(DataLoader(data, batch_size=batch, shuffle=True,
-                                          generator=order))
-                ids, mask, labels = (t.to(_device()) for t in next(batches))
-            loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss.item()
-            return len(ids)
-
-        steps["peft"] = peft_step
-    impl = get_method(method)
-    targets = target_module_names(base, ["q_proj", "v_proj"])
-    host = AdapterHost(base, targets, [], impl.adapter_layer)
-    shapes = {t: (base.get_submodule(t).out_features, base.get_submodule(t).in_features)
-              for t in targets}
-    spec = AdapterSpec(shapes=shapes, rank=16, alpha=32.0, seed=0)
-    start = impl.client_start(impl.downlink(impl.init_state(spec), first_contact=True), spec)
-    trainable = host.start(start, {})
-    job = _job(shape, method, "plain", batch, seq, Path("."))
-    strategy = dict(job["strategy"], local_steps=1)
-    device = _device()
-    ledger = PrivacyLedger.open(tempfile.mkdtemp(), node="bench", federation="bench",
-                                mechanism="rdp", target_epsilon=1e9, delta=1e-5)
-    shuffle = torch.Generator().manual_seed(1)
-
-    def fedlora_step(mode: str):
-        def step() -> int:
-            if mode == "plain":
-                return train_plain(trainable, data, strategy, "causal_lm", device,
-                                   shuffle).examples_seen
-            settings = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0,
-                                  sample_rate=batch / n, steps=1, accountant="rdp",
-                                  grad_sample_mode=mode)
-            return train_private(trainable, data, strategy, "causal_lm", device, settings,
-                                 ledger, 1, 1e9).examples_seen
-        return step
-
-    for mode in modes:
-        if mode != "peft":
-            steps[mode] = fedlora_step(mode)
-    for step in steps.values():  # warm-up
-        step()
-    timings: dict[str, list[tuple[float, int]]] = {mode: [] for mode in steps}
-    for _ in range(cycles):
-        for mode, step in steps.items():
-            _sync()
-            started = time.perf_counter()
-            seen = step()
-            _sync()
-            timings[mode].append((time.perf_counter() - started, seen))
-    rows = {}
-    for mode, runs in timings.items():
-        seconds, seen = sum(t for t, _ in runs), sum(k for _, k in runs)
-        rows[mode] = {"tokens_per_s": seen * seq / seconds, "seconds_per_step": seconds / cycles,
-                      "steps": [round(t, 2) for t, _ in runs], "examples": [k for _, k in runs]}
-    for ref in ("peft", "plain"):
-        if ref not in timings:
-            continue
-        for mode, runs in timings.items():
-            if mode == ref:
-                continue
-            ratios = [(k / t) / (k_ref / t_ref)
-                      for (t, k), (t_ref, k_ref) in zip(runs, timings[ref], strict=True)]
-            rows[mode][f"speed_vs_{ref}"] = statistics.median(ratios)
-            rows[mode][f"speed_vs_{ref}_cycles"] = [round(r, 3) for r in ratios]
-    return {"shape": shape, "method": method, "batch": batch, "seq": seq, "cycles": cycles,
-            "device": str(_device()),
-            "threads": torch.get_num_threads(), "modes": rows}
 
 
 def _jobs(shapes: list[str], methods: list[str], modes: list[str]) -> list[tuple[str, str, str]]:
@@ -476,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         saved = tempfile.TemporaryDirectory(prefix="fedlora-bench-")
         os.environ[SAVED_ENV] = saved.name  # removed when this process exits
     if args.paired:
-        return _paired(args)
+        import llm_paired
+
+        return llm_paired.run_all(args)
     if args.one:
         shape, method, mode = args.one.split(":")
         print(json.dumps(run_one(shape, method, mode, args.batch, args.seq, args.steps)))
@@ -506,44 +275,6 @@ def main(argv: list[str] | None = None) -> int:
             _print_row(row)
     return 0
 
-
-def _paired(args: argparse.Namespace) -> int:
-    modes = args.modes.split(",")
-    results = []
-    for shape in args.shapes.split(","):
-        for method in args.methods.split(","):
-            proc = subprocess.run(
-                [sys.executable, "-c", "import json, sys; sys.path.insert(0, sys.argv[1]); "
-                 "import llm; print(json.dumps(llm.run_paired(sys.argv[2], sys.argv[3], "
-                 "sys.argv[4].split(','), *map(int, sys.argv[5:]))))",
-                 str(Path(__file__).resolve().parent), shape, method, ",".join(modes),
-                 str(args.batch), str(args.seq), str(args.steps)],
-                capture_output=True, text=True)
-            if proc.returncode:
-                results.append({"shape": shape, "method": method,
-                                "error": proc.stderr.strip().splitlines()[-1:]})
-            else:
-                results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            if not args.json:
-                _print_paired(results[-1])
-    if args.json:
-        print(json.dumps(results, indent=1))
-    return 0
-
-
-def _print_paired(result: dict) -> None:
-    head = f"{result['shape']:<13} {result['method']:<7}"
-    if "error" in result:
-        print(f"{head} error: {result['error']}", flush=True)
-        return
-    print(f"{head} batch {result['batch']} seq {result['seq']}, {result['cycles']} "
-          f"interleaved cycles, {result['threads']} threads:", flush=True)
-    for mode, row in result["modes"].items():
-        ratios = "".join(f" | vs {ref}: {row[f'speed_vs_{ref}']:.2f}x (cycles "
-                         f"{row[f'speed_vs_{ref}_cycles']})"
-                         for ref in ("peft", "plain") if f"speed_vs_{ref}" in row)
-        print(f"  {mode:<6} {row['tokens_per_s']:8.1f} tokens/s, {row['seconds_per_step']:6.1f} "
-              f"s/step (steps {row['steps']}, examples {row['examples']}){ratios}", flush=True)
 
 
 def _ratio(row: dict, name: str) -> str:

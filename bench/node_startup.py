@@ -101,9 +101,9 @@ def prepare_model(directory: Path, shape: str) -> Path:
     if (directory / "config.json").is_file():
         return directory
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from llm import _build  # bench/llm.py
+    from llm_models import build  # bench/llm_models.py
 
-    model, config, _ = _build(shape)
+    model, config, _ = build(shape)
     tokenizer = _tokenizer(min(32000, config.vocab_size))
     config.bos_token_id = None
     config.eos_token_id = tokenizer.eos_token_id
