@@ -226,3 +226,12 @@ def scrub_opacus(model: nn.Module) -> None:
 
 def first_device(params: list[nn.Parameter]) -> torch.device:
     return params[0].device if params else torch.device("cpu")
+
+
+def batch_rows(batch: Any) -> int:
+    """The number of examples in a batch (a tensor, a tuple/list or a dict of tensors)."""
+    if isinstance(batch, dict):
+        batch = next(iter(batch.values()))
+    if isinstance(batch, (tuple, list)):
+        batch = batch[0]
+    return int(batch.shape[0])

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from .accounting import check_epsilon, merge_history
 from .common import (
     IGNORE_INDEX,
+    batch_rows,
     check_loader,
     check_trainable,
     cycle,
@@ -201,6 +202,16 @@ def run_private_round(
     )
 
 
+def _zero_gradients(params: list[nn.Parameter], ghost: bool) -> None:
+    """What a backward over zero examples leaves: per-example gradients with no rows
+    (Opacus's hooks path), or a zero clipped sum (its ghost-clipping path)."""
+    for p in params:
+        if ghost:
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad_sample = p.new_zeros((0, *p.shape))
+
+
 def _steps(
     model: nn.Module,
     dp_optimizer: Any,
@@ -219,9 +230,15 @@ def _steps(
     while step < steps:
         batch = next(batches)
         dp_optimizer.zero_grad(set_to_none=True)
-        logits, targets = forward(model, batch)
-        n = int(targets.shape[0])
-        if criterion is not None:
+        n = batch_rows(batch)
+        if n == 0:
+            # An empty Poisson batch is a DP-SGD step like any other (a zero sum, the full
+            # noise), but some models (causal LMs' attention) cannot run zero rows: the
+            # optimizer gets zero per-example gradients instead of a forward.
+            _zero_gradients(dp_optimizer.params, ghost=criterion is not None)
+            losses = torch.zeros(0)
+        elif criterion is not None:
+            logits, targets = forward(model, batch)
             classes = logits.shape[-1]
             loss = criterion(
                 logits.reshape(-1, classes).float(), targets.reshape(-1),
@@ -231,11 +248,11 @@ def _steps(
             del logits  # backward needs the loss's graph, not the (B, T, vocab) logits
             loss.backward()  # two passes: per-example norms, then the clipped sum
         else:
+            logits, targets = forward(model, batch)
             losses = per_sample_loss(logits, targets)
             del logits
-            # Mean over the batch, as Opacus's loss_reduction="mean" expects; an empty
-            # Poisson batch gives a zero loss that still runs the hooks.
-            (losses.sum() / max(n, 1)).backward()
+            # Mean over the batch, as Opacus's loss_reduction="mean" expects.
+            (losses.sum() / n).backward()
             losses = losses.detach()
         dp_optimizer.step()
         logical_loss += float(losses.sum())

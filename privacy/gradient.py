@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from .common import (
+    batch_rows,
     check_loader,
     cycle,
     keystream_noise,
@@ -115,14 +116,18 @@ def run_private_gradient_estimate(
         batches = cycle(loader)
         for _ in range(steps):
             batch = next(batches)
-            logits, labels = forward(model, batch)
-            losses = per_sample_loss(logits, labels)
-            n = int(losses.shape[0])
-            with quiet_hooks():
-                if ghost:
-                    sums = _ghost_clipped_sum(hooks, targets, losses)
-                else:
-                    sums = _hooks_clipped_sum(hooks, targets, losses, clip)
+            n = batch_rows(batch)
+            if n == 0:  # an empty Poisson batch: a zero sum (some models cannot run 0 rows)
+                sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                        for p in targets]
+            else:
+                logits, labels = forward(model, batch)
+                losses = per_sample_loss(logits, labels)
+                with quiet_hooks():
+                    if ghost:
+                        sums = _ghost_clipped_sum(hooks, targets, losses)
+                    else:
+                        sums = _hooks_clipped_sum(hooks, targets, losses, clip)
             # Poisson batches are averaged over the expected size (the size itself is
             # private); plain batches over their own size.
             denominator = batch_size if private else max(n, 1)

@@ -69,3 +69,38 @@ def test_node_startup_bench_splits_a_message(tmp_path):
     # The second message reads the node's token cache the first one wrote.
     assert second["spent"]["data"] < first["spent"]["data"]
     assert list((tmp_path / "node" / "cache" / "tokens").glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_empty_poisson_batches_step_a_causal_lm_with_noise_only(tmp_path, mode):
+    """Expected batch 1 (q = 1/500 of 500 rows): each Poisson batch is empty with
+    probability e^-1, so 20 steps meet one but with probability 1e-4. A causal LM (whose
+    attention cannot run zero rows) still takes every DP-SGD step, the noise moving the
+    adapters, and the ledger charges them all."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.data import TensorDataset
+    from transformers import AutoModelForCausalLM
+
+    from fedlora.client.train import train_private
+    from fedlora.privacy import DPSettings, PrivacyLedger
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(transformers.Qwen2Config(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1))
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    ids = torch.randint(0, 96, (500, 8))
+    data = TensorDataset(ids, torch.ones_like(ids), ids.clone())
+    trained = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trained]
+    settings = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1 / 500,
+                          steps=20, accountant="rdp", grad_sample_mode=mode)
+    ledger = PrivacyLedger.open(tmp_path, node="n", federation="f", mechanism="rdp",
+                                target_epsilon=1e9, delta=1e-5)
+    result = train_private(model, data, {"lr": 0.1, "local_steps": 20, "batch_size": 1,
+                                         "optimizer": "sgd"}, "causal_lm",
+                           torch.device("cpu"), settings, ledger, 1, 1e9)
+    assert result.steps == 20 and result.examples_seen < 60
+    assert all(not torch.equal(p, q) for p, q in zip(trained, before, strict=True))
+    assert sum(steps for _, _, steps in ledger.history) == 20
