@@ -20,7 +20,13 @@ def measure(cfg: dict, steps: int = 3) -> dict[str, int]:
     import psutil
     import torch
 
-    import fedlora.client.train as train  # noqa: F401 - imports are not the client's peak
+    # Imports are not the client's peak: what loading the base imports lazily (the model
+    # family's modeling code) is imported before the baseline too. Without it the window
+    # counted transformers whenever the data came from the token cache (no tokenizer load).
+    import transformers.models.llama.modeling_llama  # noqa: F401
+    from transformers import AutoModelForCausalLM  # noqa: F401
+
+    import fedlora.client.train as train  # noqa: F401
     from fedlora.aggregation import get_method
     from fedlora.privacy import DPSettings, PrivacyLedger
     from fedlora.task.adapters import AdapterHost
