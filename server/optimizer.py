@@ -16,10 +16,11 @@ and the server may step on it instead of taking the average as is (heads too):
                 x_t = x_{t-1} + lr * m_t / (sqrt(v_t) + tau)     (no bias correction, as
                 in the paper; tau bounds the per-coordinate step by about lr)
 
-``schedule`` (cosine or linear) decays lr over the run's rounds to ``min_factor`` x lr: under
-client-level DP the noise on every round's mean is the same, so a smaller late step averages
-more rounds' noise away. ``none`` (or momentum with lr 1 and momentum 0) is plain averaging. Under DP this is
-post-processing of the clients' private outputs: it costs no privacy. The method's own
+``schedule`` (cosine or linear) decays lr over the run's rounds to ``min_factor`` x lr:
+under client-level DP the noise on every round's mean is the same, so a smaller late step
+averages more rounds' noise away. ``none`` (or momentum with lr 1 and momentum 0) is plain
+averaging. Under DP this is post-processing of the clients' private outputs: it costs no
+privacy. The method's own
 aggregate (and its exactness) is unchanged; the step is applied after it.
 """
 
