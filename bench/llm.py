@@ -42,7 +42,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from llm_models import (
@@ -56,7 +55,7 @@ from llm_models import (
     job_config,
     peak_bytes,
     random_data,
-    sync,
+    timed_steps,
 )
 
 
@@ -95,12 +94,7 @@ def run_peft(shape: str, batch: int, seq: int, steps: int) -> dict:
                 if not count:
                     return seen
 
-    train(1)  # warm-up, as for the fedlora modes
-    sync()
-    started = time.perf_counter()
-    seen = train(steps)
-    sync()
-    seconds = time.perf_counter() - started
+    seen, seconds = timed_steps(train, steps)  # after a warm-up, as for the fedlora modes
     peak = peak_bytes(before)
     return {"shape": shape, "method": "-", "mode": "peft", "batch": batch, "seq": seq,
             "steps": steps, "device": str(bench_device()), "tokens_per_s": seen * seq / seconds,
@@ -158,12 +152,7 @@ def run_one(shape: str, method: str, mode: str, batch: int, seq: int, steps: int
         return train_private(trainable, data, strategy, "causal_lm", device, settings,
                              ledger, 1, 1e9)
 
-    train(1)  # warm-up: first-step allocations and kernel choices
-    sync()
-    started = time.perf_counter()
-    result = train(steps)
-    sync()
-    seconds = time.perf_counter() - started
+    result, seconds = timed_steps(train, steps)
     peak = peak_bytes(before)
     # Under DP the batches are Poisson draws: tokens/s counts the examples actually seen.
     return {"shape": shape, "method": method, "mode": mode, "batch": batch, "seq": seq,

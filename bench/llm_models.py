@@ -140,3 +140,15 @@ def random_data(config, generator, batch: int, seq: int):
     labels[:, : seq // 2] = -100  # a prompt half, as instruction data has
     return TensorDataset(ids, torch.ones_like(ids), labels)
 
+
+def timed_steps(train, steps: int):
+    """One warm-up call (first-step allocations, kernel choices), then ``train(steps)``
+    timed between device syncs: (its result, seconds)."""
+    import time
+
+    train(1)
+    sync()
+    started = time.perf_counter()
+    result = train(steps)
+    sync()
+    return result, time.perf_counter() - started
