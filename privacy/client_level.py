@@ -19,6 +19,14 @@ Accounting: one step of the Poisson-subsampled Gaussian mechanism per round at (
 with q = m / N when clients are Poisson-sampled (amplification), else q = 1 (every client
 may take part in every round), in the same Opacus accountants as the sample-level ledger.
 
+Init round (a method that builds its first state from the clients' data, e.g. Fed-SB's
+gradient sketches): released through the same mechanism before round 1. A Poisson cohort
+at q sends its init vectors v_k; the server scales each to unit L2 norm (what such an init
+uses is a direction: sign or normalized step; normalizing also gives every client the
+same vote) and releases (sum_k v_k / ||v_k|| + N(0, z^2 I)) / m: one more step of (z, q),
+so z is calibrated for rounds + init releases (``extra_releases``) and the ledger charges
+it like a round (round 0).
+
 Adaptive clipping (Andrew et al., Alg. 1): client k also contributes the CENTRED indicator
 b_k - 1/2, b_k = [||Delta_k|| <= C]; the server releases s = sum_k (b_k - 1/2) + N(0, sigma_b^2),
 estimates the unclipped fraction bbar = s / m + 1/2 and sets C <- C exp(-eta (bbar - gamma)).
@@ -81,6 +89,7 @@ class ClientLevelConfig:
     count_noise: float | None = None  # sigma_b; None: m / 20 as in Andrew et al.
     min_survivors: int | None = None  # distributed DP: t (None: the server adds the noise)
     max_colluding: int | None = None  # distributed DP: c (None: t // 3)
+    extra_releases: int = 0  # releases before round 1 (an init round), each one step of (z, q)
 
     def __post_init__(self) -> None:
         check_epsilon(self.epsilon)
@@ -93,6 +102,10 @@ class ClientLevelConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"client-level DP: {name} must be a positive integer, "
                                  f"got {value!r}")
+        if isinstance(self.extra_releases, bool) or not isinstance(self.extra_releases, int) \
+                or self.extra_releases < 0:
+            raise ValueError(f"client-level DP: extra_releases must be an integer >= 0, "
+                             f"got {self.extra_releases!r}")
         if self.cohort > self.num_clients:
             raise ValueError(f"client-level DP: cohort {self.cohort} exceeds the "
                              f"{self.num_clients} clients")
@@ -157,9 +170,10 @@ class ClientLevelPlan:
 
 
 def plan(cfg: ClientLevelConfig) -> ClientLevelPlan:
-    """Calibrate z once for ``cfg.rounds`` rounds (and split it for adaptive clipping)."""
-    z = calibrate_noise_multiplier(cfg.epsilon, cfg.delta, cfg.sample_rate, cfg.rounds,
-                                   cfg.accountant)
+    """Calibrate z once for ``cfg.rounds`` rounds plus the init releases (and split it for
+    adaptive clipping)."""
+    z = calibrate_noise_multiplier(cfg.epsilon, cfg.delta, cfg.sample_rate,
+                                   cfg.rounds + cfg.extra_releases, cfg.accountant)
     if not cfg.adaptive:
         return ClientLevelPlan(z, z, None, cfg.sample_rate, cfg.cohort)
     sigma_b = cfg.count_noise if cfg.count_noise is not None else cfg.cohort / 20.0
@@ -194,6 +208,14 @@ def clip_to_norm(delta: Tensors, clip: float) -> tuple[dict[str, torch.Tensor], 
     norm = global_norm(delta)
     factor = min(1.0, clip / norm) if norm > 0 else 1.0
     return {k: v * factor for k, v in delta.items()}, norm
+
+
+def to_unit_norm(vector: Tensors) -> dict[str, torch.Tensor]:
+    """v / ||v||_2 over every tensor at once (all zeros stay zeros): sensitivity 1 whatever
+    the client sent."""
+    norm = global_norm(vector)
+    factor = 1.0 / norm if norm > 0 else 0.0
+    return {k: v.detach().double() * factor for k, v in vector.items()}
 
 
 def add_gaussian(tensors: Tensors, std: float, generator: torch.Generator) -> dict[str, torch.Tensor]:

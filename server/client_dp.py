@@ -32,6 +32,7 @@ from fedlora.privacy.client_level import (
     distributed_dp_threat_model,
     next_clip,
     plan,
+    to_unit_norm,
     unclipped_fraction,
 )
 from fedlora.privacy.common import secure_generator
@@ -52,7 +53,8 @@ class ClientLevelDP:
                                          mechanism=config.accountant,
                                          target_epsilon=config.epsilon, delta=config.delta)
         # Resumed: adaptive clipping goes on from the clip of the last released round.
-        rounds = self.ledger.rounds
+        # (The init release, round 0, has no clip of its own.)
+        rounds = [r for r in self.ledger.rounds if (r.get("round") or 0) >= 1]
         last = rounds[-1].get("max_grad_norm") if rounds else None
         self.clip = float(last) if config.adaptive and last else config.clip
         self._generator = secure_generator()
@@ -119,6 +121,30 @@ class ClientLevelDP:
         if noised_centred is not None:
             report["client_level_unclipped_fraction"] = unclipped_fraction(noised_centred, m)
         return mean, report
+
+    def release_init(self, contributions: Sequence[Mapping[str, torch.Tensor]],
+                     shapes: Mapping[str, torch.Size]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The init round's release: (sum of unit-norm contributions + N(0, z^2 I)) / m,
+        charged to the ledger first as round 0 (one step of (z, q)). ``shapes``: every
+        coordinate the mean has, so an empty or partial cohort releases noise there too."""
+        if not self.config.extra_releases:
+            raise RuntimeError("client-level DP was planned without an init release "
+                               "(extra_releases=0)")
+        self.check_budget()
+        total = {k: torch.zeros(shape, dtype=torch.float64) for k, shape in shapes.items()}
+        for tensors in contributions:
+            if set(tensors) != set(total):
+                raise ValueError(f"init contribution names {sorted(tensors)} differ from "
+                                 f"{sorted(total)}")
+            for k, v in to_unit_norm(tensors).items():
+                total[k] += v
+        std = self.plan.noise_multiplier  # sensitivity 1: no count rides on this release
+        m = self.config.cohort
+        mean = {k: v / m for k, v in add_gaussian(total, std, self._generator).items()}
+        epsilon = self.ledger.record(self.plan.noise_multiplier, self.plan.sample_rate, 1,
+                                     round=0, max_grad_norm=1.0)
+        return mean, {"client_level_epsilon": epsilon,
+                      "client_level_noise_multiplier": self.plan.noise_multiplier}
 
     def charge_unreleased(self, round: int) -> dict[str, Any]:
         """Charge a round that released nothing (too few survivors) as the round it would

@@ -17,16 +17,19 @@ reads or writes the loop's internals.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import torch
 from flwr.app import Message
 
-from fedlora.aggregation import AdapterSpec, GlobalState, Method
+from fedlora.aggregation import SEP, AdapterSpec, ClientUpdate, GlobalState, Method
 from fedlora.protos import Expectation
+from fedlora.task.secure_sum import named, split
 
-from .client_dp import ClientLevelDP
+from .client_dp import ClientLevelDP, cast_like
 from .exchange import MessageExchange, NodeInfo
 from .intake import RoundOutcome, collect, released_weights
 
@@ -135,17 +138,8 @@ class PlainRound:
                    message: Callable[[NodeInfo], Message]) -> tuple[GlobalState, int, str]:
         """Every node sends the method's init_round_roles (e.g. Fed-SB's DP gradient
         estimates); the method turns their weighted mean into the first state."""
-        method, shapes = fed.method, dict(fed.spec.shapes)
-        timeout = max(fed.exchange.timeout, 300.0)  # nodes start (and import torch) first
-        replies, _ = fed.exchange.push_pull([message(n) for n in cohort], 0,
-                                            label="init round", timeout=timeout)
-        # At most float64 of what the method says a client sends per module.
-        floats = sum(method.init_uplink_floats(o, i, fed.spec.rank) for o, i in shapes.values())
-        expected = Expectation(method=method.name, round=0, direction="up", shapes=shapes,
-                               roles=tuple(method.init_round_roles),
-                               max_bytes=8 * floats + 65536, fingerprint=fed.fingerprint)
-        outcome = collect(replies, "init round", lambda node_id: expected, fed.node_name,
-                          fed.node_partition)
+        method = fed.method
+        outcome = collect_init(fed, cohort, message)
         if not outcome.updates:
             raise RuntimeError(f"{method.name} init round: no valid update arrived "
                                f"(refused {outcome.refused}, rejected {outcome.rejected}, "
@@ -158,6 +152,22 @@ class PlainRound:
 
     def summary(self) -> dict[str, Any]:
         return {}
+
+
+def collect_init(fed: Federation, cohort: list[NodeInfo],
+                 message: Callable[[NodeInfo], Message]) -> RoundOutcome:
+    """Send the cohort the init message and collect the validated init replies."""
+    method, shapes = fed.method, dict(fed.spec.shapes)
+    timeout = max(fed.exchange.timeout, 300.0)  # nodes start (and import torch) first
+    replies, _ = fed.exchange.push_pull([message(n) for n in cohort], 0,
+                                        label="init round", timeout=timeout)
+    # At most float64 of what the method says a client sends per module.
+    floats = sum(method.init_uplink_floats(o, i, fed.spec.rank) for o, i in shapes.values())
+    expected = Expectation(method=method.name, round=0, direction="up", shapes=shapes,
+                           roles=tuple(method.init_round_roles),
+                           max_bytes=8 * floats + 65536, fingerprint=fed.fingerprint)
+    return collect(replies, "init round", lambda node_id: expected, fed.node_name,
+                   fed.node_partition)
 
 
 class ClientLevelRound(PlainRound):
@@ -178,6 +188,27 @@ class ClientLevelRound(PlainRound):
                                                     released_weights(outcome.updates),
                                                     server_round)
         return RoundResult(outcome, bytes_down, averaged, None, report)
+
+    def init_round(self, fed: Federation, cohort: list[NodeInfo],
+                   message: Callable[[NodeInfo], Message]) -> tuple[GlobalState, int, str]:
+        """The init round as one more release of the mechanism: a cohort sampled as for a
+        round (not every node), each init vector scaled to unit norm, noise on the sum,
+        divided by the expected cohort; charged as round 0 before anything is released."""
+        seeded = random.Random(f"{fed.cfg['federation']['seed']}:sample:0")
+        sampled = self.client_dp.sample(cohort, seeded)
+        outcome = collect_init(fed, sampled, message) if sampled else RoundOutcome()
+        shapes = {f"{m}{SEP}{r}": torch.Size(shape) for m, roles in
+                  fed.method.init_round_shapes(fed.spec).items() for r, shape in roles.items()}
+        contributions = [named(u.factors, {}) for u in outcome.updates]
+        mean, report = self.client_dp.release_init(contributions, shapes)
+        factors, _ = split(mean)
+        released = ClientUpdate(factors=cast_like(factors, None), num_examples=1,
+                                scaling=fed.spec.scaling, node="noised mean of the init round")
+        state = fed.method.init_from_updates(fed.spec, [released], head=fed.initial_head)
+        line = (f"{fed.method.name} init round (client-level DP): {len(sampled)} sampled, "
+                f"{len(outcome.updates)} updates, epsilon "
+                f"{report['client_level_epsilon']:.3f}")
+        return state, outcome.bytes_up, line
 
     def summary(self) -> dict[str, Any]:
         return self.client_dp.summary()

@@ -166,7 +166,7 @@ def _secure_sum_problems(cfg: Mapping[str, Any]) -> list[str]:
 
 def _summable_method_rule(cfg: Mapping[str, Any], client_level: bool, secure: bool,
                           ) -> list[str]:
-    """Both need a method whose aggregate is a sum of what clients send (and client-level
+    """Both need a method whose aggregate is a sum of what clients send (and distributed
     DP does not cover an init round's per-client matrices yet)."""
     from fedlora.aggregation import available_methods, get_method
 
@@ -181,10 +181,12 @@ def _summable_method_rule(cfg: Mapping[str, Any], client_level: bool, secure: bo
         return [f"{wanted} needs a method whose aggregate is a sum of what clients send; "
                 f"{name!r} needs each client's update ({method.summary}). "
                 f"Use one of: {', '.join(summed)}"]
-    if client_level and method.init_round_roles:
-        return [f"client-level DP does not yet cover {name!r}'s init round (it sends "
-                f"per-client {list(method.init_round_roles)}): use sample-level DP "
-                f"(privacy=dp_eps8) with secure_aggregation=true, or another method"]
+    if client_level and secure and method.init_round_roles:
+        return [f"distributed DP (client-level DP with secure_aggregation=true) does not yet "
+                f"cover {name!r}'s init round (it sends per-client "
+                f"{list(method.init_round_roles)}): set secure_aggregation=false (the server "
+                f"then adds the noise, init round included), or use sample-level DP "
+                f"(privacy=dp_eps8) with secure aggregation"]
     return []
 
 

@@ -49,7 +49,16 @@ def client_level_config(cfg: Mapping[str, Any]) -> ClientLevelConfig | None:
         min_survivors=secagg_threshold(cfg) if cfg.get("secure_aggregation") else None,
         max_colluding=_optional_int(section.get("max_colluding"),
                                     "privacy.client_level.max_colluding"),
+        extra_releases=_init_releases(cfg),
     )
+
+
+def _init_releases(cfg: Mapping[str, Any]) -> int:
+    """1 when the job's method has an init round (released through the mechanism too)."""
+    from fedlora.aggregation import available_methods, get_method
+
+    name = (cfg.get("strategy") or {}).get("name")
+    return int(name in available_methods() and bool(get_method(name).init_round_roles))
 
 
 def _optional_int(value: Any, name: str) -> int | None:

@@ -78,6 +78,44 @@ def test_release_adds_the_calibrated_noise_and_charges_the_ledger(tmp_path) -> N
         ClientLevelDP(cfg, tmp_path, "fed").check_budget()
 
 
+def test_init_release_is_one_more_step_of_the_same_mechanism(tmp_path) -> None:
+    """A hostile client cannot move the released init by more than 1/m, whatever it sends;
+    the noise is z/m per coordinate; the init is charged as round 0 and the plan leaves
+    exactly the planned rounds after it."""
+    cfg = _config(rounds=3, extra_releases=1)
+    assert plan(cfg).noise_multiplier > plan(_config(rounds=3)).noise_multiplier
+    spent = epsilon_for_history([(plan(cfg).noise_multiplier, 0.1, 4)], cfg.delta, "rdp")
+    assert spent <= cfg.epsilon and spent == pytest.approx(cfg.epsilon, rel=0.02)
+    dp = ClientLevelDP(cfg, tmp_path, "fed")
+    shapes = {"m::Y": torch.Size([100, 100]), "m::W": torch.Size([50, 100])}
+    honest = {"m::Y": torch.full((100, 100), 0.01), "m::W": torch.zeros(50, 100)}
+    huge = {"m::Y": torch.full((100, 100), 1e9), "m::W": torch.full((50, 100), -1e9)}
+    mean, report = dp.release_init([honest, huge], shapes)
+    m, z = cfg.cohort, dp.plan.noise_multiplier
+    unit_y = 1.0 / 100  # the honest vector at unit norm: 1e4 equal coordinates
+    unit_huge = (1.0 / math.sqrt(15000), -1.0 / math.sqrt(15000))
+    residual_y = mean["m::Y"] - (unit_y + unit_huge[0]) / m
+    residual_w = mean["m::W"] - unit_huge[1] / m
+    noise = torch.cat([residual_y.flatten(), residual_w.flatten()])
+    assert abs(float(noise.mean())) < 5 * z / m / math.sqrt(noise.numel())
+    assert float(noise.std()) == pytest.approx(z / m, rel=0.03)
+    assert dp.ledger.rounds[0]["round"] == 0 and dp.ledger.rounds[0]["steps"] == 1
+    assert report["client_level_epsilon"] == pytest.approx(dp.ledger.epsilon_spent)
+    # An empty cohort is released all the same (noise only), and charged.
+    dp2 = ClientLevelDP(cfg, tmp_path / "2", "fed")
+    empty, _ = dp2.release_init([], shapes)
+    assert float(empty["m::W"].std()) == pytest.approx(z / m, rel=0.05)
+    zeros = {"x": torch.zeros(10, dtype=torch.float64)}
+    for r in (1, 2, 3):
+        dp.release(zeros, None, r)
+    assert dp.ledger.epsilon_spent <= cfg.epsilon
+    with pytest.raises(BudgetExhausted):
+        dp.check_budget()
+    # A plan without the init release refuses to make one.
+    with pytest.raises(RuntimeError, match="extra_releases"):
+        ClientLevelDP(_config(), tmp_path / "3", "fed").release_init([honest], shapes)
+
+
 def test_clipped_sum_uses_the_difference_from_the_reference(tmp_path) -> None:
     dp = ClientLevelDP(_config(clip=1.0), tmp_path, "fed")
     ref = {"w": torch.ones(4, dtype=torch.float64)}
@@ -103,7 +141,8 @@ def test_clipped_sum_uses_the_difference_from_the_reference(tmp_path) -> None:
      "fixed_denominator must be true"),
     (["privacy=client_dp", "federation.num_clients=10", "privacy.client_level.delta=0.2"],
      "1/num_clients"),
-    (["strategy=fedsb", "privacy=client_dp"], "init round"),
+    (["strategy=fedsb", "privacy=client_dp", "secure_aggregation=true"],
+     "does not yet cover 'fedsb'"),
 ])
 def test_config_errors_before_any_work(overrides, message) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -141,3 +180,24 @@ def test_client_dp_federation_reports_an_epsilon_the_ledger_replays(tmp_path) ->
     # (Poisson sampling can draw nobody, 0.5^8 per round: that round is still released
     # and charged above, and has no client to report a sample-level epsilon.)
     assert all(r["epsilon_max"] is not None for r in rows if r["clients"])
+
+
+@pytest.mark.integration
+def test_fedsb_init_round_is_released_under_client_level_dp(tmp_path) -> None:
+    """Fed-SB's init round runs as one more release: charged as round 0 in the server's
+    ledger, the rounds after it stay within the budget, and the run trains."""
+    run_dir = tmp_path / "run"
+    proc = run_fedlora(["simulate", "model=tiny_bert", "data=synthetic", "strategy=fedsb",
+                 "privacy=client_dp", "federation.num_clients=8",
+                 "federation.clients_per_round=4", "federation.rounds=2",
+                 f"hydra.run.dir={run_dir}"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    ledger = json.loads(open(summary["client_level_ledger"]).read())
+    assert [r["round"] for r in ledger["rounds"]] == [0, 1, 2]
+    replay = epsilon_for_history([tuple(h) for h in ledger["history"]], ledger["delta"],
+                                 ledger["mechanism"])
+    assert summary["client_level_epsilon"] == pytest.approx(replay, rel=0.01)
+    assert 0 < replay <= 8.0
+    rows = read_metrics(run_dir)
+    assert [r["round"] for r in rows] == [1, 2] and rows[-1]["accuracy"] is not None
+    assert "init round (client-level DP)" in proc.stdout + proc.stderr
