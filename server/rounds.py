@@ -205,9 +205,11 @@ class ClientLevelRound(PlainRound):
         released = ClientUpdate(factors=cast_like(factors, None), num_examples=1,
                                 scaling=fed.spec.scaling, node="noised mean of the init round")
         state = fed.method.init_from_updates(fed.spec, [released], head=fed.initial_head)
+        failed = len(outcome.refused) + len(outcome.rejected) + len(outcome.lost)
         line = (f"{fed.method.name} init round (client-level DP): {len(sampled)} sampled, "
-                f"{len(outcome.updates)} updates, epsilon "
-                f"{report['client_level_epsilon']:.3f}")
+                f"{len(outcome.updates)} updates"
+                + (f" ({failed} refused, rejected or lost: the init is noisier)" if failed else "")
+                + f", epsilon {report['client_level_epsilon']:.3f}")
         return state, outcome.bytes_up, line
 
     def summary(self) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -190,10 +191,14 @@ def test_fedsb_init_round_is_released_under_client_level_dp(tmp_path) -> None:
     proc = run_fedlora(["simulate", "model=tiny_bert", "data=synthetic", "strategy=fedsb",
                  "privacy=client_dp", "federation.num_clients=8",
                  "federation.clients_per_round=4", "federation.rounds=2",
-                 f"hydra.run.dir={run_dir}"])
+                 # Clients smaller than a batch (1,000 clients of BBC): the whole data.
+                 "strategy.batch_size=512", f"hydra.run.dir={run_dir}"])
     summary = json.loads((run_dir / "summary.json").read_text())
     ledger = json.loads(open(summary["client_level_ledger"]).read())
     assert [r["round"] for r in ledger["rounds"]] == [0, 1, 2]
+    init = re.search(r"init round \(client-level DP\): (\d+) sampled, (\d+) updates,",
+                     proc.stdout + proc.stderr)
+    assert init and int(init[1]) == int(init[2]), (proc.stdout + proc.stderr)[-3000:]
     replay = epsilon_for_history([tuple(h) for h in ledger["history"]], ledger["delta"],
                                  ledger["mechanism"])
     assert summary["client_level_epsilon"] == pytest.approx(replay, rel=0.01)
