@@ -77,9 +77,9 @@ def _tokenizer(vocab: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from fedlora.task.data import _bbc_news
+    from fedlora.task.data import bbc_news
 
-    texts, _, _ = _bbc_news()
+    texts, _, _ = bbc_news()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from .data import _bbc_news
+from .data import bbc_news
 from .instruct import Record
 
 TASKS = ("headline", "section")
@@ -38,7 +38,7 @@ def bbc_alpaca(tasks: list[str] | tuple[str, ...] = TASKS, article_chars: int = 
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown or not tasks:
         raise ValueError(f"data.tasks must be a non-empty subset of {list(TASKS)}, got {tasks}")
-    texts, labels, sections = _bbc_news()
+    texts, labels, sections = bbc_news()
     ask_section = section_instruction(sections)
     articles = []
     for text, label in zip(texts, labels, strict=True):

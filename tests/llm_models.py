@@ -25,10 +25,10 @@ def train_tokenizer(chat: bool):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from fedlora.task.data import _bbc_news
+    from fedlora.task.data import bbc_news
 
     if "bpe" not in _TRAINED:
-        texts, _, _ = _bbc_news()
+        texts, _, _ = bbc_news()
         specials = ["<|pad|>", "<|bos|>", "<|im_end|>", "<|im_start|>"]
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
