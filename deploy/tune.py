@@ -130,6 +130,7 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
         "best_accuracy": summary.get("best_accuracy"),
         "accuracy_per_round": [r.get("accuracy") for r in rows],
         "epsilon_max": summary.get("epsilon_max"),
+        "client_level_epsilon": summary.get("client_level_epsilon"),
         "bytes_per_round": (summary["bytes_up_total"] + summary["bytes_down_total"])
         / max(1, summary["rounds"]),
         "rounds": summary["rounds"],
