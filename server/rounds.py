@@ -194,6 +194,7 @@ class ClientLevelRound(PlainRound):
         """The init round as one more release of the mechanism: a cohort sampled as for a
         round (not every node), each init vector scaled to unit norm, noise on the sum,
         divided by the expected cohort; charged as round 0 before anything is released."""
+        self.client_dp.check_budget()  # before any node works for a release it cannot pay
         seeded = random.Random(f"{fed.cfg['federation']['seed']}:sample:0")
         sampled = self.client_dp.sample(cohort, seeded)
         outcome = collect_init(fed, sampled, message) if sampled else RoundOutcome()
