@@ -52,6 +52,7 @@ from llm_models import (
     baseline_bytes,
     bench_device,
     build,
+    fedlora_adapters,
     job_config,
     peak_bytes,
     random_data,
@@ -109,10 +110,10 @@ def run_one(shape: str, method: str, mode: str, batch: int, seq: int, steps: int
     import peft  # noqa: F401 - before the baseline, as below
     import torch
 
-    from fedlora.aggregation import get_method
+    import fedlora.aggregation  # noqa: F401 - the adapter code, before the baseline
+    import fedlora.task.adapters  # noqa: F401
     from fedlora.client.train import train_plain, train_private
     from fedlora.privacy import DPSettings, PrivacyLedger
-    from fedlora.task.adapters import AdapterHost
     from fedlora.task.memory import estimate
     from fedlora.task.models import fingerprint, target_module_names
 
@@ -127,15 +128,7 @@ def run_one(shape: str, method: str, mode: str, batch: int, seq: int, steps: int
     need = estimate(job, model=model)  # before the adapters wrap the target layers
     targets = target_module_names(model, ["q_proj", "v_proj"])
     fingerprint(model, targets[:1])
-    impl = get_method(method)
-    host = AdapterHost(model, targets, [], impl.adapter_layer)
-    from fedlora.aggregation import AdapterSpec
-
-    shapes = {n: (model.get_submodule(n).out_features, model.get_submodule(n).in_features)
-              for n in targets}
-    spec = AdapterSpec(shapes=shapes, rank=16, alpha=32.0, seed=0)
-    start = impl.client_start(impl.downlink(impl.init_state(spec), first_contact=True), spec)
-    trainable = host.start(start, {})
+    trainable = fedlora_adapters(model, method, targets)
     data = random_data(config, generator, batch, seq)
     n = len(data)
     device = bench_device()

@@ -141,6 +141,21 @@ def random_data(config, generator, batch: int, seq: int):
     return TensorDataset(ids, torch.ones_like(ids), labels)
 
 
+def fedlora_adapters(model, method: str, targets: list[str]):
+    """Inject ``method``'s adapters (rank 16, alpha 32) on ``targets`` with fedlora's adapter
+    host, started as a client's first contact does; returns the trainable parameters."""
+    from fedlora.aggregation import AdapterSpec, get_method
+    from fedlora.task.adapters import AdapterHost
+
+    impl = get_method(method)
+    host = AdapterHost(model, targets, [], impl.adapter_layer)
+    shapes = {t: (model.get_submodule(t).out_features, model.get_submodule(t).in_features)
+              for t in targets}
+    spec = AdapterSpec(shapes=shapes, rank=16, alpha=32.0, seed=0)
+    start = impl.client_start(impl.downlink(impl.init_state(spec), first_contact=True), spec)
+    return host.start(start, {})
+
+
 def timed_steps(train, steps: int):
     """One warm-up call (first-step allocations, kernel choices), then ``train(steps)``
     timed between device syncs: (its result, seconds)."""

@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from llm_models import bench_device, build, job_config, random_data, sync
+from llm_models import bench_device, build, fedlora_adapters, job_config, random_data, sync
 
 
 def run_paired(shape: str, method: str, modes: list[str], batch: int, seq: int,
@@ -29,10 +29,8 @@ def run_paired(shape: str, method: str, modes: list[str], batch: int, seq: int,
     from torch.utils.data import DataLoader
     from transformers import AutoModelForCausalLM
 
-    from fedlora.aggregation import AdapterSpec, get_method
     from fedlora.client.train import train_plain, train_private
     from fedlora.privacy import DPSettings, PrivacyLedger
-    from fedlora.task.adapters import AdapterHost
     from fedlora.task.models import target_module_names
 
     base, config, generator = build(shape)
@@ -72,14 +70,7 @@ def run_paired(shape: str, method: str, modes: list[str], batch: int, seq: int,
             return len(ids)
 
         steps["peft"] = peft_step
-    impl = get_method(method)
-    targets = target_module_names(base, ["q_proj", "v_proj"])
-    host = AdapterHost(base, targets, [], impl.adapter_layer)
-    shapes = {t: (base.get_submodule(t).out_features, base.get_submodule(t).in_features)
-              for t in targets}
-    spec = AdapterSpec(shapes=shapes, rank=16, alpha=32.0, seed=0)
-    start = impl.client_start(impl.downlink(impl.init_state(spec), first_contact=True), spec)
-    trainable = host.start(start, {})
+    trainable = fedlora_adapters(base, method, target_module_names(base, ["q_proj", "v_proj"]))
     job = job_config(shape, method, "plain", batch, seq, Path("."))
     strategy = dict(job["strategy"], local_steps=1)
     device = bench_device()
