@@ -320,9 +320,8 @@ def _init_settings(round_: _Round, steps: int) -> DPSettings:
     admitted and checked against the budget first."""
     dp = round_.dp
     if dp is None:
-        # Without DP a batch larger than the client's data is the whole data (as the
-        # training loader does): q capped at 1.
-        rate = min(1.0, local_sample_rate(round_.runtime.cfg["strategy"], len(round_.dataset)))
+        rate = local_sample_rate(round_.runtime.cfg["strategy"], len(round_.dataset),
+                                 private=False)
         return DPSettings(noise_multiplier=0.0, max_grad_norm=1e12, sample_rate=rate,
                           steps=steps)
     dp.admit(steps)

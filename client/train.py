@@ -111,10 +111,8 @@ def gradient_estimate(
     (e.g. Fed-SB's init); the method's client_init_payload turns it into what goes up."""
     from fedlora.privacy import run_private_gradient_estimate
 
-    batch = local_batch_size(strategy, len(dataset))
-    if ledger is None:  # without DP a batch beyond the data is the whole data
-        batch = min(batch, len(dataset))
-    loader = dp_loader(dataset, batch)
+    loader = dp_loader(dataset, local_batch_size(strategy, len(dataset),
+                                                 private=ledger is not None))
     return run_private_gradient_estimate(
         model, weights, loader, lambda m, batch: forward(m, _to_device(batch, device), task),
         settings, ledger, round=round, run=run,

@@ -127,16 +127,21 @@ def round_lr(cfg: Mapping[str, Any], round_: int) -> float:
     return schedule.lr(float(strategy["lr"]), round_, int(cfg["federation"]["rounds"]))
 
 
-def local_batch_size(strategy: Mapping[str, Any], num_examples: int) -> int:
+def local_batch_size(strategy: Mapping[str, Any], num_examples: int, *,
+                     private: bool = True) -> int:
     """This client's (expected) batch: ``strategy.sample_rate`` x N_k when set, so every
     client samples at about one rate q (under DP: the same amplification and noise
-    multiplier for all, batches proportional to size), else ``strategy.batch_size``."""
+    multiplier for all, batches proportional to size), else ``strategy.batch_size``.
+    Without DP (``private=False``) a batch beyond the data is the whole data; under DP it
+    is not capped, so a client smaller than its batch is refused (q > 1)."""
     rate = strategy.get("sample_rate")
     if rate is None:
-        return int(strategy["batch_size"])
+        batch = int(strategy["batch_size"])
+        return batch if private else min(batch, num_examples)
     return max(1, min(num_examples, round(float(rate) * num_examples)))
 
 
-def local_sample_rate(strategy: Mapping[str, Any], num_examples: int) -> float:
+def local_sample_rate(strategy: Mapping[str, Any], num_examples: int, *,
+                      private: bool = True) -> float:
     """q_k = b_k / N_k: the rate this client's loader samples at (and its ledger records)."""
-    return local_batch_size(strategy, num_examples) / num_examples
+    return local_batch_size(strategy, num_examples, private=private) / num_examples
