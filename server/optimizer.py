@@ -20,8 +20,8 @@ and the server may step on it instead of taking the average as is (heads too):
 under client-level DP the noise on every round's mean is the same, so a smaller late step
 averages more rounds' noise away. ``none`` (or momentum with lr 1 and momentum 0) is plain
 averaging. Under DP this is post-processing of the clients' private outputs: it costs no
-privacy. The method's own
-aggregate (and its exactness) is unchanged; the step is applied after it.
+privacy. The method's own aggregate (and its exactness) is unchanged; the step is applied
+after it.
 """
 
 from __future__ import annotations
