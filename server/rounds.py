@@ -170,6 +170,16 @@ def collect_init(fed: Federation, cohort: list[NodeInfo],
                    fed.node_partition)
 
 
+def state_from_init_mean(fed: Federation, mean: dict[str, torch.Tensor], node: str
+                         ) -> GlobalState:
+    """The first state from the released mean of the init round (flat "module::role"
+    names, float64), as one update of weight 1 for the method's init_from_updates."""
+    factors, _ = split(mean)
+    released = ClientUpdate(factors=cast_like(factors, None), num_examples=1,
+                            scaling=fed.spec.scaling, node=node)
+    return fed.method.init_from_updates(fed.spec, [released], head=fed.initial_head)
+
+
 class ClientLevelRound(PlainRound):
     """DP-FedAvg with a trusted server: clip, noise the sum, divide by the expected cohort.
 
@@ -202,10 +212,7 @@ class ClientLevelRound(PlainRound):
                   fed.method.init_round_shapes(fed.spec).items() for r, shape in roles.items()}
         contributions = [named(u.factors, {}) for u in outcome.updates]
         mean, report = self.client_dp.release_init(contributions, shapes)
-        factors, _ = split(mean)
-        released = ClientUpdate(factors=cast_like(factors, None), num_examples=1,
-                                scaling=fed.spec.scaling, node="noised mean of the init round")
-        state = fed.method.init_from_updates(fed.spec, [released], head=fed.initial_head)
+        state = state_from_init_mean(fed, mean, "noised mean of the init round")
         failed = len(outcome.refused) + len(outcome.rejected) + len(outcome.lost)
         line = (f"{fed.method.name} init round (client-level DP): {len(sampled)} sampled, "
                 f"{len(outcome.updates)} updates"

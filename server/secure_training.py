@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecord, Message
 
-from fedlora.aggregation import ClientUpdate, GlobalState
+from fedlora.aggregation import GlobalState
 from fedlora.task import messages as msgs
 from fedlora.task.secure_sum import (
     UNCLIPPED,
@@ -33,7 +33,7 @@ from fedlora.task.secure_sum import (
 from .client_dp import ClientLevelDP, cast_head, cast_like
 from .exchange import NodeInfo
 from .intake import RoundOutcome, contribution_metrics, released_metrics
-from .rounds import Federation, RoundResult
+from .rounds import Federation, RoundResult, state_from_init_mean
 from .secure_round import SecureOutcome, SecureRound
 
 
@@ -173,10 +173,9 @@ class SecureAggregationRound:
         zeros = {m: {r: torch.zeros(shape, dtype=torch.float64) for r, shape in roles.items()}
                  for m, roles in fed.method.init_round_shapes(fed.spec).items()}
         layout = Layout.of(zeros, {})
-        factors, _ = split({k: v / share for k, v in layout.unflatten(result.total).items()})
-        mean = ClientUpdate(factors=cast_like(factors, None), num_examples=1,
-                            scaling=fed.spec.scaling, node="mean of the init round")
-        state = fed.method.init_from_updates(fed.spec, [mean], head=fed.initial_head)
+        state = state_from_init_mean(
+            fed, {k: v / share for k, v in layout.unflatten(result.total).items()},
+            "mean of the init round")
         line = (f"{fed.method.name} init round (secure aggregation): "
                 f"{len(result.survivors)} contributions summed")
         return state, result.bytes_up, line
