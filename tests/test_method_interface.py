@@ -12,8 +12,8 @@ import pytest
 from fedlora.aggregation import ADAPTER_LAYERS, ROLES, available_methods, get_method
 
 ROOT = Path(__file__).resolve().parents[1]
-# The method-name guard (the acceptance grep of issue 10), applied to code lines (comments
-# aside): every registered method's name (the built-ins and any plug-in, read from the
+# The method-name guard (client/, server/ and task/ never name a method), applied to code
+# lines (comments aside): every registered method's name (the built-ins and any plug-in, read from the
 # registry, not a hand list) and any test for the role R.
 GREP = "|".join([*map(re.escape, available_methods()), r"\"R\" in", "'R' in"])
 FORBIDDEN = re.compile(GREP)
