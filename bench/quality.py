@@ -73,7 +73,10 @@ def paired_lines(by_seed: dict[tuple[str, str], dict[int, float]], methods: list
     lines = ["", f"Paired comparison with {baseline} (final accuracy, method minus {baseline}, "
              "over the seeds both ran; 95% paired t-interval; significant when it excludes "
              f"0, judged from {MIN_PAIRED_SEEDS} seeds on: with two, accuracy's steps of "
-             "one test article can make both differences equal and the interval empty):", "", "| method | budget | difference | significant |", "|---|---|---|---|"]
+             "one test article can make both differences equal and the interval empty; "
+             "where every seed's difference is the same, the t-interval has zero width "
+             "and is not taken as evidence):", "",
+             "| method | budget | difference | significant |", "|---|---|---|---|"]
     for p in privacy:
         for method in methods:
             if method == baseline:
@@ -81,8 +84,12 @@ def paired_lines(by_seed: dict[tuple[str, str], dict[int, float]], methods: list
             d = paired_difference(by_seed.get((method, p), {}), by_seed.get((baseline, p), {}))
             if d is None:
                 continue
-            verdict = ("too few seeds" if d.n < MIN_PAIRED_SEEDS else
-                       ("yes" if d.excludes_zero() else "no"))
+            if d.n < MIN_PAIRED_SEEDS:
+                verdict = "too few seeds"
+            elif d.high - d.low < 1e-12:
+                verdict = "not judged (identical differences)"
+            else:
+                verdict = "yes" if d.excludes_zero() else "no"
             lines.append(f"| {method} | {p} | {d.text(signed=True)} | {verdict} |")
     return lines
 

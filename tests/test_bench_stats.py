@@ -51,3 +51,8 @@ def test_paired_table_judges_significance_from_three_seeds_only():
     (row,) = [line for line in paired_lines(by_seed, ["fedavg", "ffa"], ["dp_eps8"])
               if line.startswith("| ffa")]
     assert row.endswith("| yes |")
+    # Three identical differences (two test articles each time): zero spread is no evidence.
+    by_seed[("ffa", "dp_eps8")][4] = 0.9095
+    (row,) = [line for line in paired_lines(by_seed, ["fedavg", "ffa"], ["dp_eps8"])
+              if line.startswith("| ffa")]
+    assert row.endswith("| not judged (identical differences) |")
