@@ -13,8 +13,8 @@ from fedlora.aggregation import ADAPTER_LAYERS, ROLES, available_methods, get_me
 
 ROOT = Path(__file__).resolve().parents[1]
 # The method-name guard (client/, server/ and task/ never name a method), applied to code
-# lines (comments aside): every registered method's name (the built-ins and any plug-in, read from the
-# registry, not a hand list) and any test for the role R.
+# lines (comments aside): every registered method's name (the built-ins and any plug-in,
+# read from the registry, not a hand list) and any test for the role R.
 GREP = "|".join([*map(re.escape, available_methods()), r"\"R\" in", "'R' in"])
 FORBIDDEN = re.compile(GREP)
 
