@@ -86,7 +86,7 @@ def paired_lines(by_seed: dict[tuple[str, str], dict[int, float]], methods: list
                 continue
             if d.n < MIN_PAIRED_SEEDS:
                 verdict = "too few seeds"
-            elif d.high - d.low < 1e-12:
+            elif d.zero_width():
                 verdict = "not judged (identical differences)"
             else:
                 verdict = "yes" if d.excludes_zero() else "no"

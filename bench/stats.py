@@ -26,6 +26,10 @@ class Interval:
     def excludes_zero(self) -> bool:
         return self.n > 1 and (self.low > 0 or self.high < 0)
 
+    def zero_width(self) -> bool:
+        """Every value the same (n > 1): the t-interval is a point, which is no evidence."""
+        return self.n > 1 and self.high - self.low < 1e-12
+
     def text(self, digits: int = 3, signed: bool = False) -> str:
         sign = "+" if signed else ""
         if self.n == 1:
